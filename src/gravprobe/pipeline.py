@@ -1,0 +1,1 @@
+"""`gravprobe run`: generate -> pretrain (per attention variant) -> probe -> report. (issue 6)"""
