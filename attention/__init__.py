@@ -1,0 +1,37 @@
+"""Attention variants of METHOD.md §2: the plain-PyTorch reference, the backend dispatch, the layer.
+
+Public API:
+    attend(q, k, v, variant, *, causal=True, backend="auto", **params)  — ``[B, T, H, D]`` in and out
+    VARIANTS, DEFAULT_PARAMS, attention_weights(q, k, variant, ...)       — the reference
+    CausalSelfAttention(d_model, n_heads, variant, ...)                  — the model's attention layer
+    active_backend(), backend_override(name), triton_available()         — dispatch state and overrides
+
+See README.md in this folder for the formulas and numerics notes.
+"""
+from .dispatch import (
+    BACKENDS,
+    ENV_VAR,
+    BackendUnavailableError,
+    active_backend,
+    attend,
+    backend_override,
+    select_backend,
+    triton_available,
+)
+from .reference import DEFAULT_PARAMS, VARIANTS, attention_weights, reference_attention, resolve_params
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_PARAMS",
+    "ENV_VAR",
+    "VARIANTS",
+    "BackendUnavailableError",
+    "active_backend",
+    "attend",
+    "attention_weights",
+    "backend_override",
+    "reference_attention",
+    "resolve_params",
+    "select_backend",
+    "triton_available",
+]

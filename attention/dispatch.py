@@ -1,0 +1,215 @@
+"""Which attention backend runs: the one place that decides, logs it, and lets tests override it.
+
+Backends:
+    ``torch``  — the plain-PyTorch reference (:mod:`gravprobe.attention.reference`); every variant,
+                 every device and dtype, causal or not.
+    ``triton`` — the fused kernels of :mod:`gravprobe.kernels`, called as
+                 ``gravprobe.kernels.fused_attention(q, k, v, variant, causal=..., **params)``
+                 (``[B, T, H, D]`` in and out) for the variants in ``gravprobe.kernels.SUPPORTED_VARIANTS``.
+                 Forced with ``backend="triton"`` it runs on any device the kernels accept, including the
+                 CPU under ``TRITON_INTERPRET=1`` (used by the tests).
+    ``auto``   — ``triton`` when the inputs are on CUDA and the kernels import and support the call
+                 (variant, causal, dtype, head dim); ``torch`` otherwise.
+
+Overrides for ``auto`` (an explicit ``"torch"``/``"triton"`` argument always wins), first match:
+    1. the :func:`backend_override` context manager (``with backend_override("torch"): ...``);
+    2. the environment variable ``GRAVPROBE_ATTENTION_BACKEND`` (``auto``, ``torch`` or ``triton``).
+
+``gravprobe.kernels`` is imported lazily, once, on first need; :func:`triton_available` reports whether
+it imported and why not. :func:`active_backend` says which backend the most recent call used; the
+first use of each (backend, device) pair is logged at INFO level.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Any, Iterator
+
+import torch
+
+from .reference import _check_qkv, reference_attention, resolve_params
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "attend",
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "active_backend",
+    "backend_override",
+    "kernel_support",
+    "select_backend",
+    "triton_available",
+]
+
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+ENV_VAR = "GRAVPROBE_ATTENTION_BACKEND"
+
+# Used when gravprobe.kernels does not define its own `supports(...)` predicate.
+_DEFAULT_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DEFAULT_KERNEL_MAX_HEAD_DIM = 128
+
+
+class BackendUnavailableError(RuntimeError):
+    """``backend="triton"`` was requested but the kernels cannot run this call."""
+
+
+_lock = threading.Lock()
+_kernels_module: Any = None
+_kernels_error: str | None = None
+_kernels_loaded = False
+_override: list[str] = []
+_active: str | None = None
+_logged: set[tuple[str, str]] = set()
+
+
+def _check_backend(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} ({where}); valid choices: {', '.join(BACKENDS)}")
+    return name
+
+
+def _load_kernels() -> tuple[Any, str | None]:
+    """Import ``gravprobe.kernels`` once; return ``(module or None, reason it is unusable or None)``."""
+    global _kernels_module, _kernels_error, _kernels_loaded
+    with _lock:
+        if not _kernels_loaded:
+            try:
+                import gravprobe.kernels as kernels  # noqa: PLC0415 - lazy on purpose (DESIGN.md)
+
+                missing = [n for n in ("fused_attention", "SUPPORTED_VARIANTS") if not hasattr(kernels, n)]
+                if missing:
+                    raise ImportError(f"gravprobe.kernels does not define {', '.join(missing)}")
+                _kernels_module = kernels
+            except Exception as exc:  # noqa: BLE001 - any failure means "not usable", with the reason
+                _kernels_module, _kernels_error = None, f"{type(exc).__name__}: {exc}"
+                logger.debug("Triton attention kernels unavailable: %s", _kernels_error)
+            _kernels_loaded = True
+        return _kernels_module, _kernels_error
+
+
+def _reset() -> None:
+    """Forget the cached kernel import and the logged decisions (for tests)."""
+    global _kernels_module, _kernels_error, _kernels_loaded, _active
+    with _lock:
+        _kernels_module, _kernels_error, _kernels_loaded, _active = None, None, False, None
+        _logged.clear()
+
+
+def triton_available() -> bool:
+    """Whether ``gravprobe.kernels`` imports and exposes ``fused_attention`` (device not considered)."""
+    return _load_kernels()[0] is not None
+
+
+def kernel_support(q: torch.Tensor, variant: str, causal: bool) -> tuple[bool, str]:
+    """Whether the Triton kernels can run this call; ``(ok, reason)`` with the reason when not.
+
+    Asks ``gravprobe.kernels.supports(variant, dtype=..., head_dim=..., causal=...)`` when the kernels
+    define it; otherwise: variant in ``SUPPORTED_VARIANTS``, causal, fp16/bf16/fp32, head dim <= 128.
+    """
+    kernels, error = _load_kernels()
+    if kernels is None:
+        return False, f"gravprobe.kernels is not usable ({error})"
+    if variant not in tuple(kernels.SUPPORTED_VARIANTS):
+        return False, (f"the Triton kernels do not implement variant {variant!r} "
+                       f"(they support: {', '.join(kernels.SUPPORTED_VARIANTS)})")
+    supports = getattr(kernels, "supports", None)
+    if callable(supports):
+        ok = bool(supports(variant, dtype=q.dtype, head_dim=q.shape[-1], causal=causal))
+        return ok, "" if ok else (f"the Triton kernels do not support {variant!r} with dtype {q.dtype}, "
+                                  f"head dim {q.shape[-1]}, causal={causal}")
+    if not causal:
+        return False, "the Triton kernels are causal only"
+    if q.dtype not in _DEFAULT_KERNEL_DTYPES:
+        return False, f"the Triton kernels do not take dtype {q.dtype}"
+    if q.shape[-1] > _DEFAULT_KERNEL_MAX_HEAD_DIM:
+        return False, f"the Triton kernels take head dims up to {_DEFAULT_KERNEL_MAX_HEAD_DIM}, got {q.shape[-1]}"
+    return True, ""
+
+
+def _requested_auto() -> str:
+    if _override:
+        return _override[-1]
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    return _check_backend(env, f"environment variable {ENV_VAR}") if env else "auto"
+
+
+def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backend: str = "auto") -> str:
+    """Resolve ``backend`` (``auto``/``torch``/``triton``) to the one that runs this call.
+
+    Raises :class:`BackendUnavailableError` when ``triton`` is forced (by argument, override or
+    environment) but the kernels cannot run the call, with the reason.
+    """
+    global _active
+    requested = _check_backend(backend, "argument backend=")
+    if requested == "auto":
+        requested = _requested_auto()
+    if requested == "triton":
+        ok, reason = kernel_support(q, variant, causal)
+        if not ok:
+            raise BackendUnavailableError(
+                f"attention backend 'triton' was requested but cannot run: {reason}. "
+                f"Use backend='torch' (or 'auto'), or unset {ENV_VAR}.")
+        chosen = "triton"
+    elif requested == "torch":
+        chosen = "torch"
+    else:
+        chosen = "torch"
+        if q.is_cuda:
+            ok, reason = kernel_support(q, variant, causal)
+            if ok:
+                chosen = "triton"
+            else:
+                logger.debug("attention %r on %s uses torch: %s", variant, q.device, reason)
+    _active = chosen
+    key = (chosen, str(q.device))
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("attention backend: %s on device %s (first call: variant %s, dtype %s)",
+                    chosen, q.device, variant, str(q.dtype).removeprefix("torch."))
+    return chosen
+
+
+def active_backend() -> str | None:
+    """The backend the most recent attention call ran on (``"torch"``/``"triton"``), None before any."""
+    return _active
+
+
+@contextlib.contextmanager
+def backend_override(backend: str) -> Iterator[None]:
+    """Within the block, calls made with ``backend="auto"`` resolve as if ``backend`` had been given."""
+    _override.append(_check_backend(backend, "backend_override"))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, causal: bool = True,
+           backend: str = "auto", **params: Any) -> torch.Tensor:
+    """Attention of METHOD.md §2 by variant name, on the backend :func:`select_backend` picks.
+
+    Args:
+        q, k: ``[B, T, H, D]`` queries and keys; v: ``[B, T, H, D]`` values (any T >= 1, any D).
+        variant: one of ``VARIANTS`` (``softmax, softplus, lssa, lssar, relu, sigmoid, ssmax``).
+        causal: row ``i`` (1-based) sees keys ``j <= i`` with ``n_i = i``; else all, ``n_i = T``.
+        backend: ``"auto"`` (Triton on CUDA when it supports the call, else torch), ``"torch"`` or
+            ``"triton"``.
+        **params: the variant's parameters by name (``log_base``, ``sharpen_power``, ``offset``,
+            ``offset_until``, ``ssmax_scale``); missing ones take :data:`DEFAULT_PARAMS`; unknown ones
+            raise ``ValueError``.
+
+    Returns:
+        ``[B, T, H, D]`` in the dtype of ``v``.
+
+    The Triton backend receives the fully resolved parameters (defaults filled in, ``log_base`` a float).
+    """
+    resolved = resolve_params(variant, params)
+    _check_qkv(q, k, v)
+    chosen = select_backend(q, variant, causal=causal, backend=backend)
+    if chosen == "triton":
+        return _kernels_module.fused_attention(q, k, v, variant, causal=causal, **resolved)
+    return reference_attention(q, k, v, variant, causal=causal, **resolved)
