@@ -18,6 +18,7 @@ from .dispatch import (
     select_backend,
     triton_available,
 )
+from .layer import CausalSelfAttention, RotaryEmbedding, apply_rotary
 from .reference import DEFAULT_PARAMS, VARIANTS, attention_weights, reference_attention, resolve_params
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "ENV_VAR",
     "VARIANTS",
     "BackendUnavailableError",
+    "CausalSelfAttention",
+    "RotaryEmbedding",
+    "apply_rotary",
     "active_backend",
     "attend",
     "attention_weights",

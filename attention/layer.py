@@ -1,0 +1,160 @@
+"""The model's attention layer: projections, rotary positions, the variant by name, the backend by attend.
+
+Everything attention-related that the GPT needs lives here (DESIGN.md: the model holds no attention
+math): q/k/v and output projections, RoPE on q and k, the learnable per-head ``ssmax`` scale, and the
+call to :func:`gravprobe.attention.attend`, which picks the backend. QK-normalisation of ``lssa`` and
+``lssar`` happens inside the variant (reference and kernels), after RoPE — a rotation, so it does not
+change the norms.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dispatch import BACKENDS, attend
+from .reference import VARIANTS, resolve_params
+
+__all__ = ["CausalSelfAttention", "RotaryEmbedding", "apply_rotary"]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, T, H, D]`` by position: pairs ``(x[..., m], x[..., m + D/2])`` turn by angle
+    ``t * base^(-2m/D)`` (the "rotate half" layout). ``cos``/``sin`` are ``[T, D/2]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) for head dim ``head_dim`` (even), any sequence length.
+
+    The cos/sin tables are cached as non-persistent buffers (float32, computed in float64) and grown
+    when a longer sequence arrives, so a model trained at T runs at 16 T without retraining anything.
+    Because a rotation by position ``t`` composes as ``R(t_q)^T R(t_k) = R(t_k - t_q)``, the score
+    ``q_i . k_j`` after RoPE depends on positions only through ``j - i``.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, initial_length: int = 0) -> None:
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"RoPE needs an even head dim, got {head_dim}; choose d_model/n_heads even "
+                             f"or set rope=False")
+        if not base > 1.0:
+            raise ValueError(f"rope_base must be > 1, got {base}")
+        self.head_dim, self.base = head_dim, float(base)
+        self.register_buffer("cos", torch.empty(0, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim // 2), persistent=False)
+        if initial_length:
+            self._build(initial_length, torch.device("cpu"))
+
+    def _build(self, length: int, device: torch.device) -> None:
+        inv_freq = self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.cos = angles.cos().to(device=device, dtype=torch.float32)
+        self.sin = angles.sin().to(device=device, dtype=torch.float32)
+
+    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of shape ``[length, head_dim/2]`` on ``device`` (grown and cached on demand)."""
+        if self.cos.shape[0] < length or self.cos.device != device:
+            self._build(max(length, self.cos.shape[0]), device)
+        return self.cos[:length], self.sin[:length]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``q`` and ``k`` ``[B, T, H, D]`` by their positions ``0..T-1``."""
+        cos, sin = self.tables(q.shape[1], q.device)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}"
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head self-attention with the METHOD.md §2 variant ``variant``.
+
+    Args:
+        d_model: model width C (divisible by ``n_heads``; head dim ``D = C / n_heads``).
+        n_heads: number of heads H.
+        variant: one of :data:`gravprobe.attention.VARIANTS`.
+        params: the variant's parameters by name (``sharpen_power``, ``offset``, ``offset_until``,
+            ``log_base``; for ``ssmax`` an optional ``ssmax_scale`` = the initial value of the learnable
+            per-head scale, default 1). Missing ones take the defaults; unknown ones raise ``ValueError``.
+        rope: apply rotary position embeddings to q and k (else the model must add positions itself).
+        rope_base: RoPE frequency base.
+        bias: biases in the q/k/v and output projections.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`gravprobe.attention.attend`).
+
+    ``forward(x [B, T, C]) -> [B, T, C]``, any T >= 1.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, variant: str, *, params: Mapping[str, Any] | None = None,
+                 rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        if n_heads < 1 or d_model < 1 or d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown attention variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.variant, self.backend = variant, backend
+        resolved = resolve_params(variant, params)
+        if variant == "ssmax":
+            init = torch.as_tensor(resolved.pop("ssmax_scale"), dtype=torch.float32)
+            self.ssmax_scale = nn.Parameter(torch.ones(n_heads) * init)   # c per head (METHOD §2)
+        self.params = resolved                                            # fixed (non-learnable) ones
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+
+    @classmethod
+    def from_config(cls, node: Any, d_model: int, n_heads: int, rope: bool = True,
+                    **kwargs: Any) -> "CausalSelfAttention":
+        """Build from the Hydra node ``cfg.attention`` = ``{name, params, backend}`` (or a dict, or just
+        a variant name). ``kwargs`` go to the constructor (``rope_base``, ``bias``)."""
+        if isinstance(node, str):
+            node = {"name": node}
+        try:
+            from omegaconf import DictConfig, OmegaConf  # noqa: PLC0415 - optional at import time
+
+            if isinstance(node, DictConfig):
+                node = OmegaConf.to_container(node, resolve=True)
+        except ImportError:  # pragma: no cover
+            pass
+        if not isinstance(node, Mapping):
+            raise TypeError(f"attention config must be a mapping {{name, params, backend}} or a variant "
+                            f"name, got {type(node).__name__}")
+        unknown = sorted(set(node) - {"name", "params", "backend"})
+        if unknown:
+            raise ValueError(f"attention config has unknown key(s) {unknown}; expected: name, params, backend")
+        if "name" not in node:
+            raise ValueError(f"attention config needs a 'name' (one of {', '.join(VARIANTS)})")
+        params = node.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise ValueError(f"attention.params must be a mapping, got {params!r}")
+        return cls(d_model, n_heads, node["name"], params=dict(params), rope=rope,
+                   backend=node.get("backend") or "auto", **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T, C]`` -> ``[B, T, C]``; position ``t`` attends to positions ``<= t``."""
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected x of shape [B, T, {self.d_model}], got {tuple(x.shape)}")
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        params = dict(self.params)
+        if self.variant == "ssmax":
+            params["ssmax_scale"] = self.ssmax_scale
+        y = attend(q, k, v, self.variant, causal=True, backend=self.backend, **params)
+        return self.out(y.reshape(B, T, C))
+
+    def extra_repr(self) -> str:
+        shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, variant={self.variant}"
+                f"{', ' + shown if shown else ''}, backend={self.backend}")
