@@ -1,0 +1,298 @@
+"""The plain-PyTorch reference of every METHOD.md §2 variant against the formulas themselves."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gravprobe.attention import (
+    DEFAULT_PARAMS,
+    VARIANTS,
+    attend,
+    attention_weights,
+    reference_attention,
+    resolve_params,
+)
+
+NORMALISED = ("softmax", "softplus", "lssa", "lssar", "ssmax")
+UNNORMALISED = ("relu", "sigmoid")
+
+
+def _qkv(B=2, T=5, H=3, D=4, dtype=torch.float64, seed=0, Dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g, dtype=dtype)
+    k = torch.randn(B, T, H, D, generator=g, dtype=dtype)
+    v = torch.randn(B, T, H, Dv or D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+# --- a direct transcription of METHOD.md §2: python loops over (b, h, i, j), float64 scalars -----------
+
+def _softplus(x: float) -> float:
+    return math.log1p(math.exp(-abs(x))) + max(x, 0.0)
+
+
+def loop_attention(q, k, v, variant, *, causal=True, log_base=math.e, sharpen_power=15.0, offset=1.0,
+                   offset_until=3, ssmax_scale=None):
+    B, T, H, D = q.shape
+    q, k, v = q.double().tolist(), k.double().tolist(), v.double().tolist()
+    log = lambda x: math.log(x) / math.log(log_base)  # noqa: E731
+    out = [[[[0.0] * len(v[0][0][0]) for _ in range(H)] for _ in range(T)] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            for i in range(1, T + 1):                       # 1-based query row
+                n = i if causal else T                      # visible keys
+                keys = range(1, n + 1)
+                qi = q[b][i - 1][h]
+                s = {j: sum(x * y for x, y in zip(qi, k[b][j - 1][h])) / math.sqrt(D) for j in keys}
+                if variant == "softmax":
+                    e = {j: math.exp(s[j]) for j in keys}
+                    a = {j: e[j] / sum(e.values()) for j in keys}
+                elif variant == "softplus":
+                    e = {j: _softplus(s[j]) for j in keys}
+                    a = {j: e[j] / sum(e.values()) for j in keys}
+                elif variant in ("lssa", "lssar"):
+                    qn = math.sqrt(sum(x * x for x in qi))
+                    e = {}
+                    for j in keys:
+                        kj = k[b][j - 1][h]
+                        kn = math.sqrt(sum(x * x for x in kj))
+                        cos = sum(x * y for x, y in zip(qi, kj)) / (qn * kn)
+                        e[j] = _softplus(log(D) * log(n) * cos)
+                    a = {j: e[j] / sum(e.values()) for j in keys}
+                    if variant == "lssar":
+                        o = 0.0 if i <= offset_until else offset   # causal: n_i = i
+                        if not causal:
+                            o = 0.0 if n <= offset_until else offset
+                        w = {j: max(n * a[j] - o, 0.0) ** sharpen_power for j in keys}
+                        total = sum(w.values())      # all 0: the limit is the uniform row (§2 note)
+                        a = {j: (w[j] / total if total > 0 else 1.0 / n) for j in keys}
+                elif variant == "relu":
+                    a = {j: max(s[j], 0.0) / n for j in keys}
+                elif variant == "sigmoid":
+                    a = {j: 1.0 / (1.0 + math.exp(-(s[j] - log(n)))) for j in keys}
+                elif variant == "ssmax":
+                    c = 1.0 if ssmax_scale is None else float(ssmax_scale[h])
+                    e = {j: math.exp(c * log(n) * s[j]) for j in keys}
+                    a = {j: e[j] / sum(e.values()) for j in keys}
+                else:
+                    raise AssertionError(variant)
+                for j in keys:
+                    for m, vm in enumerate(v[b][j - 1][h]):
+                        out[b][i - 1][h][m] += a[j] * vm
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reference_matches_loop_transcription(variant, causal):
+    for T, D in ((1, 4), (6, 3)):
+        q, k, v = _qkv(B=2, T=T, H=2, D=D, seed=T)
+        got = attend(q, k, v, variant, causal=causal, backend="torch")
+        want = loop_attention(q, k, v, variant, causal=causal)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant,params", [
+    ("lssa", {"log_base": 2.0}),
+    ("lssar", {"sharpen_power": 3, "offset": 0.5, "offset_until": 1, "log_base": 10.0}),
+    ("lssar", {"sharpen_power": 1.5, "offset": 1.0, "offset_until": 0}),
+    ("sigmoid", {"log_base": 2.0}),
+    ("ssmax", {"ssmax_scale": torch.tensor([0.5, 2.0], dtype=torch.float64), "log_base": 3.0}),
+])
+def test_reference_matches_loop_with_params(variant, params):
+    q, k, v = _qkv(B=1, T=7, H=2, D=5, seed=3)
+    for causal in (True, False):
+        got = attend(q, k, v, variant, causal=causal, backend="torch", **params)
+        want = loop_attention(q, k, v, variant, causal=causal, **params)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_defaults_are_method_defaults():
+    assert DEFAULT_PARAMS["lssar"] == {"log_base": math.e, "sharpen_power": 15.0, "offset": 1.0,
+                                       "offset_until": 3}
+    assert resolve_params("lssa", {"log_base": "e"})["log_base"] == math.e
+    q, k, v = _qkv(B=1, T=6, H=1, D=4, seed=1)
+    explicit = attend(q, k, v, "lssar", sharpen_power=15, offset=1, offset_until=3, log_base="e")
+    torch.testing.assert_close(attend(q, k, v, "lssar"), explicit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_identity_values_return_the_weights_and_rows_sum_to_one(variant, causal):
+    """With v_j = e_j (one-hot), o_i = sum_j a_ij e_j is row i of the weight matrix."""
+    T = 9
+    q, k, _ = _qkv(B=2, T=T, H=3, D=8, seed=4)
+    v = torch.eye(T, dtype=q.dtype).view(1, T, 1, T).expand(2, T, 3, T)
+    rows = attend(q, k, v, variant, causal=causal, backend="torch")          # [B, T(i), H, T(j)]
+    weights = attention_weights(q, k, variant, causal=causal)                # [B, H, T(i), T(j)]
+    torch.testing.assert_close(rows, weights.permute(0, 2, 1, 3), rtol=1e-12, atol=1e-12)
+    assert (weights >= 0).all()
+    if causal:
+        assert (weights.triu(diagonal=1) == 0).all()
+    if variant in NORMALISED:
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, T, dtype=q.dtype), rtol=1e-12, atol=1e-12)
+    else:
+        assert (weights.sum(-1) - 1).abs().max() > 1e-3   # genuinely not renormalised
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality_future_keys_and_values_change_nothing(variant):
+    T, t0 = 12, 7
+    q, k, v = _qkv(B=2, T=T, H=2, D=6, dtype=torch.float32, seed=5)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, t0:] += 3 * torch.randn_like(k2[:, t0:])
+    v2[:, t0:] += 3 * torch.randn_like(v2[:, t0:])
+    a = attend(q, k, v, variant, backend="torch")
+    b = attend(q, k2, v2, variant, backend="torch")
+    assert torch.equal(a[:, :t0], b[:, :t0])
+    assert not torch.allclose(a[:, t0:], b[:, t0:])          # the perturbation is visible later
+    # non-causal attention does see the future
+    a_nc = attend(q, k, v, variant, causal=False, backend="torch")
+    b_nc = attend(q, k2, v2, variant, causal=False, backend="torch")
+    assert not torch.allclose(a_nc[:, :t0], b_nc[:, :t0])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softmax_equals_torch_sdpa(causal, dtype):
+    for T, D in ((1, 8), (37, 16), (64, 5)):
+        q, k, v = _qkv(B=2, T=T, H=3, D=D, dtype=dtype, seed=T)
+        want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=causal).transpose(1, 2)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(attend(q, k, v, "softmax", causal=causal, backend="torch"), want,
+                                   rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lssar_with_power_one_and_no_offset_is_lssa(causal):
+    q, k, v = _qkv(B=2, T=20, H=2, D=8, seed=6)
+    lssa = attend(q, k, v, "lssa", causal=causal, backend="torch")
+    lssar = attend(q, k, v, "lssar", causal=causal, backend="torch", sharpen_power=1, offset=0)
+    torch.testing.assert_close(lssar, lssa, rtol=1e-12, atol=1e-12)
+    sharpened = attend(q, k, v, "lssar", causal=causal, backend="torch")
+    assert not torch.allclose(sharpened, lssa, atol=1e-3)
+
+
+def test_lssar_uniform_row_returns_the_uniform_limit():
+    """Identical keys make every stage-1 row exactly uniform; an offset above n_i a_ij zeroes every w."""
+    T, D = 10, 4
+    q, _, v = _qkv(B=1, T=T, H=2, D=D, seed=7)
+    k = torch.randn(1, 1, 2, D, dtype=torch.float64).expand(1, T, 2, D).contiguous()
+    uniform = torch.tril(torch.ones(T, T, dtype=torch.float64)) / torch.arange(1, T + 1)[:, None]
+    w = attention_weights(q, k, "lssar")
+    torch.testing.assert_close(w, uniform.expand_as(w), rtol=1e-12, atol=1e-12)
+
+    # every w_ij = ReLU(n_i a_ij - o_i)^p is exactly 0 when o_i >= n_i: the 0/0 case
+    q.requires_grad_(True)
+    w = attention_weights(q, k.clone().requires_grad_(True), "lssar", offset=100.0, offset_until=0)
+    torch.testing.assert_close(w.detach(), uniform.expand_as(w), rtol=0, atol=0)
+    out = attend(q, k, v, "lssar", offset=100.0, offset_until=0)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    torch.testing.assert_close(out[0, :, 0], torch.cumsum(v[0, :, 0], 0) / torch.arange(1, T + 1)[:, None])
+
+
+def test_lssa_handles_zero_vectors():
+    """QK-normalisation clamps the norm: a zero query gives cosines 0, i.e. a uniform lssa row."""
+    q, k, v = _qkv(B=1, T=6, H=1, D=4, seed=8)
+    q[0, 3] = 0.0
+    w = attention_weights(q, k, "lssa")
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[0, 0, 3, :4], torch.full((4,), 0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck_float64(variant, causal):
+    q, k, v = (t.requires_grad_(True) for t in _qkv(B=1, T=5, H=2, D=3, seed=9))
+    inputs = [q, k, v]
+    params = {"sharpen_power": 3.0} if variant == "lssar" else {}
+    if variant == "ssmax":
+        c = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+        inputs.append(c)
+
+        def fn(q, k, v, c):
+            return attend(q, k, v, variant, causal=causal, backend="torch", ssmax_scale=c)
+    else:
+        def fn(q, k, v):
+            return attend(q, k, v, variant, causal=causal, backend="torch", **params)
+    assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_lssar_headline_power():
+    q, k, v = (t.requires_grad_(True) for t in _qkv(B=1, T=6, H=1, D=4, seed=10))
+    assert torch.autograd.gradcheck(lambda q, k, v: attend(q, k, v, "lssar", backend="torch"),
+                                    (q, k, v), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("power", [15, 32])
+def test_lssar_large_T_float32_has_no_overflow(power):
+    T, D = 2048, 8
+    q, k, v = _qkv(B=1, T=T, H=2, D=D, dtype=torch.float32, seed=11)
+    # head 1: one key aligned with every query, all others opposite: n_i a_ij reaches ~n_i, so a naive
+    # ReLU(n_i a_ij - 1)^p is far beyond float32 (2047^15 ~ 4e49)
+    q[:, :, 1] = q[:, :1, 1]
+    k[:, :, 1] = -q[:, :, 1]
+    k[:, 0, 1] = q[:, 0, 1]
+    q.requires_grad_(True)
+    a = attention_weights(q.detach(), k, "lssa")
+    n = torch.arange(1, T + 1, dtype=torch.float32)[:, None]
+    assert torch.isinf(torch.relu(n * a - 1).pow(power)).any()        # the hazard is real here
+    out = attend(q, k, v, "lssar", sharpen_power=power, backend="torch")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, :, 1], v[0, :1, 1].expand(T, D))  # all weight on the aligned key
+    w = attention_weights(q.detach(), k, "lssar", sharpen_power=power)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, T))
+    out.square().mean().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_precision_inputs_close_to_float32(variant, dtype, tol):
+    q, k, v = _qkv(B=2, T=33, H=2, D=16, dtype=torch.float32, seed=12)
+    qh, kh, vh = q.to(dtype), k.to(dtype), v.to(dtype)
+    out = attend(qh, kh, vh, variant, backend="torch")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    want = attend(qh.float(), kh.float(), vh.float(), variant, backend="torch")   # same rounded inputs
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    # and close to the unrounded float32 result, within the input rounding
+    loose = attend(q, k, v, variant, backend="torch")
+    assert (out.float() - loose).abs().max() < 25 * tol
+
+
+def test_value_head_dim_may_differ_and_any_head_dim():
+    q, k, v = _qkv(B=1, T=7, H=2, D=1, seed=13, Dv=5)
+    for variant in VARIANTS:
+        out = attend(q, k, v, variant, backend="torch")
+        assert out.shape == (1, 7, 2, 5) and torch.isfinite(out).all()
+    torch.testing.assert_close(reference_attention(q, k, v, "lssa"), attend(q, k, v, "lssa"))
+
+
+def test_bad_input_errors_name_the_problem():
+    q, k, v = _qkv(B=1, T=4, H=2, D=3)
+    with pytest.raises(ValueError, match="valid choices: softmax, softplus, lssa, lssar, relu, sigmoid, ssmax"):
+        attend(q, k, v, "flash")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['power'\].*sharpen_power"):
+        attend(q, k, v, "lssar", power=3)
+    with pytest.raises(ValueError, match="accepts: none"):
+        attend(q, k, v, "softmax", log_base=2)
+    with pytest.raises(ValueError, match="log_base"):
+        attend(q, k, v, "lssa", log_base=1)
+    with pytest.raises(ValueError, match="sharpen_power"):
+        attend(q, k, v, "lssar", sharpen_power=0)
+    with pytest.raises(ValueError, match="offset_until"):
+        attend(q, k, v, "lssar", offset_until=-1)
+    with pytest.raises(ValueError, match=r"ssmax_scale must be a scalar or a tensor of shape \[H\]"):
+        attend(q, k, v, "ssmax", ssmax_scale=torch.ones(3))
+    with pytest.raises(ValueError, match=r"\[B, T, H, D\]"):
+        attend(q[0], k[0], v[0], "softmax")
+    with pytest.raises(ValueError, match="same shape"):
+        attend(q, k[:, :3], v, "softmax")
+    with pytest.raises(ValueError, match=r"backend"):
+        attend(q, k, v, "softmax", backend="cuda")
