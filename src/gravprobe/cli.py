@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     _register_resolvers()
-    sys.argv = [f"gravprobe {stage}", f"stage={stage}", *rest]
+    # `stage=` goes just before the first override: Hydra's argparse takes the overrides as one
+    # positional list, which must not be split by a flag (`stage=run -m a=1` would fail to parse)
+    first = next((i for i, a in enumerate(rest) if "=" in a and not a.startswith("-")), 0)
+    sys.argv = [f"gravprobe {stage}", *rest[:first], f"stage={stage}", *rest[first:]]
     hydra.main(version_base="1.3", config_path="pkg://gravprobe.conf", config_name="config")(_task)()
 
 

@@ -1,1 +1,782 @@
-"""`gravprobe report`: rebuild report.md and plots of a run or sweep folder from its files alone. (issue 6)"""
+"""`gravprobe report`: rebuild ``report.md`` and its plots for a run or sweep folder from files alone.
+
+Entry points
+------------
+- ``report_dir(path) -> Path``: write ``report.md`` (and PNGs) into ``path`` — a run folder of any stage
+  or a sweep folder — reading nothing but the files in it; returns the path of ``report.md``. This is
+  what ``gravprobe report DIR`` calls.
+- ``main(cfg, run_dir)``: the Hydra form, ``gravprobe report report.source=DIR``.
+- ``load(path) -> RunResult | SweepResult``: the same files as Python objects (used by the notebook);
+  ``equations_table``, ``aggregate`` and ``force_predictions`` give the tables shown in the report.
+- ``SweepReportCallback``: a Hydra callback (registered in ``conf/config.yaml``) that writes the sweep
+  report when a ``--multirun`` ends.
+
+Run folders and ``results.json``
+--------------------------------
+Every run folder holds ``config.yaml`` (resolved config, written by the CLI) and ``results.json``,
+which grows stage by stage (``gravprobe.common.update_results``). The full schema, with units, is in
+``docs/results_schema.md``; in short::
+
+    {"config":   {...the resolved config...},
+     "pretrain": {"attention": "lssar", "steps": 500,
+                  "loss": {"orbits": {"first": 8.9, "last": 3.1}, "text": {"first": 5.5, "last": 2.9}},
+                  "length_extrapolation": {"orbits": {"1": 3.1, "2": 3.2, "4": .., "8": .., "16": ..},
+                                           "text":   {"1": .., ...}}},
+     "probes":   {"linear": {"<target>": {"<layer>": r2, ...}, ...},
+                  "galaxies": [{"seed": 0, "expression": "...", "newtonian": false, "reasons": "...",
+                                "exponents": {"r": [..], "m1": [..], "m2": [..]}, "r2_newton": 0.41},
+                               ... one per galaxy (5) ...],
+                  "oracle": {"galaxies": [... same shape ...]}},
+     "pipeline": {...}}   # only in a `gravprobe run` folder, see below
+
+Losses are mean cross-entropy in nats per predicted token; length keys are multiples of the training
+context (``"1"`` = the training length); R² is on held-out systems; layer keys are ``"0"`` (embeddings)
+… ``"L"`` (after block L).
+
+A ``gravprobe run`` folder (stage ``run``) holds one sub-folder per attention variant, each a complete
+single-variant run folder (``<variant>/results.json`` with ``pretrain`` and ``probes``,
+``<variant>/checkpoints/last.pt``), and a top-level ``results.json`` with ``config`` and::
+
+    "pipeline": {"variants": ["softmax", "lssa", "lssar"],          # what this run trains, in order
+                 "datasets": {"data": "<dir>", "force_data": "<dir>"},
+                 "oracle_variant": "softmax",                       # whose probes hold the oracle
+                 "stages": {"generate": "done", "softmax/pretrain": "done" | "reused", ...},
+                 "timings_s": {"generate": 1.2, "softmax/pretrain": 30.5, ...},
+                 "complete": true}
+
+A sweep folder (``--multirun``; Hydra writes ``multirun.yaml`` into it) holds one run folder per job.
+
+What counts as complete: a single-stage run needs its stage's section; a pipeline run needs, for every
+variant it names, ``pretrain`` and ``probes`` sections and the checkpoint, and an oracle somewhere.
+Anything missing is reported by name ("incomplete: lssa: probes missing"), never skipped silently.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+LENGTH_KEYS_ORDER = ("1", "2", "4", "8", "16", "32", "64")
+MODALITIES = ("orbits", "text")
+STAGE_SECTIONS = {"pretrain": ("pretrain",), "probe": ("probes",), "run": ("pretrain", "probes")}
+
+
+class ReportError(ValueError):
+    """The folder given to the report is not a run or sweep folder."""
+
+
+# ----------------------------------------------------------------------------------------- loading
+@dataclass
+class VariantResult:
+    """One attention variant's results inside one run.
+
+    ``pretrain`` / ``probes`` are the sections of its ``results.json`` (``None`` when absent);
+    ``missing`` names every expected piece that is not there.
+    """
+
+    name: str
+    dir: Path
+    pretrain: dict | None = None
+    probes: dict | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def galaxies(self) -> list[dict]:
+        return list((self.probes or {}).get("galaxies") or [])
+
+    @property
+    def oracle_galaxies(self) -> list[dict]:
+        return list(((self.probes or {}).get("oracle") or {}).get("galaxies") or [])
+
+
+@dataclass
+class RunResult:
+    """One run folder (any stage). ``variants`` in the order the run names them."""
+
+    dir: Path
+    stage: str
+    config: dict
+    variants: dict[str, VariantResult]
+    pipeline: dict | None = None
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
+    def oracle(self) -> list[dict]:
+        """The oracle's galaxies (METHOD §4.4), from whichever variant's probes hold them."""
+        for v in self.variants.values():
+            if v.oracle_galaxies:
+                return v.oracle_galaxies
+        return []
+
+    @property
+    def problems(self) -> list[str]:
+        out = list(self.missing)
+        for v in self.variants.values():
+            out += [f"{v.name}: {m}" for m in v.missing]
+        return out
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class SweepResult:
+    """A ``--multirun`` folder: one ``RunResult`` per job folder, in job order."""
+
+    dir: Path
+    runs: list[RunResult]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.problems and all(r.complete for r in self.runs)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path} is not valid JSON ({e}); the stage that wrote it was interrupted or the "
+                          "file was edited by hand — rerun that stage") from e
+
+
+def _read_config(run_dir: Path, results: dict | None) -> dict:
+    if results and isinstance(results.get("config"), dict):
+        return results["config"]
+    for cand in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if cand.exists():
+            from omegaconf import OmegaConf
+
+            try:
+                return OmegaConf.to_container(OmegaConf.load(cand), resolve=False)  # type: ignore[return-value]
+            except Exception as e:  # an unparsable config is reported, not fatal
+                log.warning("cannot read %s: %s", cand, e)
+    return {}
+
+
+def is_run_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / "results.json").exists() or (path / "config.yaml").exists() or (path / ".hydra").is_dir()
+
+
+def is_sweep_dir(path: Path) -> bool:
+    path = Path(path)
+    if (path / "multirun.yaml").exists():
+        return True
+    return not is_run_dir(path) and any(is_run_dir(p) for p in path.iterdir() if p.is_dir())
+
+
+def _variant_of(stage_dir: Path, name: str, expected: Iterable[str], need_checkpoint: bool) -> VariantResult:
+    res = _read_json(stage_dir / "results.json") or {}
+    v = VariantResult(name=name, dir=stage_dir, pretrain=res.get("pretrain"), probes=res.get("probes"))
+    if not stage_dir.is_dir():
+        v.missing.append(f"folder {stage_dir.name}/ missing (nothing ran for this variant)")
+        return v
+    for section in expected:
+        if not res.get(section):
+            v.missing.append(f"{section} missing (no '{section}' in {stage_dir.name}/results.json)")
+    if need_checkpoint and not (stage_dir / "checkpoints" / "last.pt").exists():
+        v.missing.append("checkpoint missing (checkpoints/last.pt)")
+    if v.probes is not None and v.probes.get("galaxies") is not None and len(v.galaxies) == 0:
+        v.missing.append("probes have no galaxies")
+    return v
+
+
+def load_run(path: str | Path) -> RunResult:
+    """Read one run folder (``gravprobe run``, ``pretrain`` or ``probe``) into a ``RunResult``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a folder")
+    results = _read_json(path / "results.json")
+    config = _read_config(path, results)
+    stage = str(config.get("stage") or ("run" if (results or {}).get("pipeline") else "")) or "unknown"
+    run = RunResult(dir=path, stage=stage, config=config, variants={})
+    if results is None:
+        run.missing.append("results.json missing (no stage finished in this folder)")
+    if stage == "run":
+        run.pipeline = (results or {}).get("pipeline")
+        names = list((run.pipeline or {}).get("variants") or _configured_variants(config))
+        if not names:
+            run.missing.append("no variants named (pipeline.variants / attention.name)")
+        for name in names:
+            run.variants[name] = _variant_of(path / name, name, ("pretrain", "probes"), need_checkpoint=True)
+        if names and not run.oracle:
+            run.missing.append("oracle missing (no variant's probes hold 'oracle')")
+    elif stage in ("pretrain", "probe"):
+        res = results or {}
+        name = ((res.get("pretrain") or {}).get("attention") or (res.get("probes") or {}).get("attention")
+                or (config.get("attention") or {}).get("name") or "model")
+        run.variants[name] = _variant_of(path, name, STAGE_SECTIONS[stage], need_checkpoint=stage == "pretrain")
+        if results is None:  # already said at run level
+            run.variants[name].missing = [m for m in run.variants[name].missing if "results.json" not in m]
+    else:
+        run.missing.append(f"unknown stage {stage!r} (config.yaml has no 'stage')")
+    return run
+
+
+def _configured_variants(config: dict) -> list[str]:
+    pv = (config.get("pipeline") or {}).get("variants")
+    if pv:
+        return [pv] if isinstance(pv, str) else list(pv)
+    name = (config.get("attention") or {}).get("name")
+    return [name] if name else []
+
+
+def load_sweep(path: str | Path) -> SweepResult:
+    """Read a sweep folder: every sub-folder that looks like a run folder, in Hydra's job order."""
+    path = Path(path)
+    sub = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+    def order(p: Path):
+        head = p.name.split("_", 1)[0]
+        return (0, int(head), p.name) if head.isdigit() else (1, 0, p.name)
+
+    sweep = SweepResult(dir=path, runs=[])
+    for p in sorted(sub, key=order):
+        if is_run_dir(p):
+            sweep.runs.append(load_run(p))
+        elif p.name not in ("figures",):
+            sweep.problems.append(f"{p.name}/ is not a run folder (no config.yaml or results.json)")
+    if not sweep.runs:
+        sweep.problems.append("no run folders (the sweep has not started any job)")
+    return sweep
+
+
+def load(path: str | Path) -> RunResult | SweepResult:
+    """A run folder or a sweep folder, whichever ``path`` is."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ReportError(f"{path} does not exist or is not a folder; give a run folder (with results.json) "
+                          "or a sweep folder (with multirun.yaml)")
+    if is_run_dir(path):
+        return load_run(path)
+    if is_sweep_dir(path):
+        return load_sweep(path)
+    raise ReportError(f"{path} is neither a run folder (config.yaml / results.json) nor a sweep folder "
+                      "(multirun.yaml or run sub-folders)")
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        if isinstance(x, float) and not math.isfinite(x):
+            return str(x)
+        if isinstance(x, int):
+            return str(x)
+        return f"{x:.{digits}g}" if abs(x) >= 1e4 or (x != 0 and abs(x) < 1e-3) else f"{x:.{digits}f}"
+    return str(x)
+
+
+def format_exponent(e: Any) -> str:
+    """An exponent entry: ``[est, lo, hi]`` → ``-2.00 [-2.01, -1.99]``; ``[est, err]`` → ``-2.00 ± 0.01``."""
+    if isinstance(e, dict):
+        est = e.get("estimate", e.get("value"))
+        lo, hi = e.get("lo", e.get("low")), e.get("hi", e.get("high"))
+        e = [est, lo, hi] if lo is not None else [est]
+    if isinstance(e, (list, tuple)):
+        vals = [v for v in e if isinstance(v, (int, float))]
+        if len(vals) >= 3:
+            return f"{vals[0]:.2f} [{vals[1]:.2f}, {vals[2]:.2f}]"
+        if len(vals) == 2:
+            return f"{vals[0]:.2f} ± {vals[1]:.2f}"
+        if len(vals) == 1:
+            return f"{vals[0]:.2f}"
+        return "—"
+    if isinstance(e, (int, float)):
+        return f"{e:.2f}"
+    return "—" if e is None else str(e)
+
+
+def equations_table(result: RunResult | SweepResult) -> list[dict]:
+    """One row per (run, variant or ``oracle``, galaxy): the recovered law and its verdict.
+
+    Keys: ``run`` (folder name), ``seed`` (the run's seed), ``model`` (variant or ``"oracle"``),
+    ``galaxy`` (galaxy seed), ``expression``, ``newtonian`` (bool or None), ``r2_newton``,
+    ``exp_r``, ``exp_m1``, ``exp_m2`` (formatted exponents with confidence intervals), ``reasons``.
+    """
+    runs = result.runs if isinstance(result, SweepResult) else [result]
+    rows = []
+    for run in runs:
+        groups = [(name, v.galaxies) for name, v in run.variants.items()] + [("oracle", run.oracle)]
+        for model, gals in groups:
+            for i, g in enumerate(gals):
+                ex = g.get("exponents") or {}
+                rows.append({"run": run.dir.name, "seed": run.seed, "model": model,
+                             "galaxy": g.get("seed", i), "expression": g.get("expression"),
+                             "newtonian": g.get("newtonian"), "r2_newton": g.get("r2_newton"),
+                             "exp_r": format_exponent(ex.get("r")), "exp_m1": format_exponent(ex.get("m1")),
+                             "exp_m2": format_exponent(ex.get("m2")), "reasons": g.get("reasons", "")})
+    return rows
+
+
+def _mean_spread(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs if isinstance(x, (int, float)) and math.isfinite(float(x))]
+    if not xs:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"n": len(xs), "mean": m, "std": sd, "min": min(xs), "max": max(xs)}
+
+
+def _length_keys(dicts: Iterable[dict]) -> list[str]:
+    keys = {k for d in dicts for k in (d or {})}
+    return sorted(keys, key=lambda k: (float(k) if _isnum(k) else math.inf, k))
+
+
+def _isnum(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def aggregate(sweep: SweepResult | RunResult) -> dict[str, dict]:
+    """Per variant across the runs (seeds) of a sweep: mean, std (sample, ddof=1), min, max, n of
+
+    - ``loss/<modality>/last`` (final training-run validation loss, nats/token),
+    - ``extrapolation/<modality>/<k>`` (validation loss at k× the training length),
+    - ``newtonian_per_run`` (galaxies judged Newtonian out of each run's galaxies),
+    and the totals ``newtonian`` / ``galaxies`` (counts over all galaxies × seeds), ``runs``, ``seeds``.
+    The key ``"oracle"`` holds the oracle's totals the same way.
+    """
+    runs = sweep.runs if isinstance(sweep, SweepResult) else [sweep]
+    by_variant: dict[str, list[tuple[RunResult, VariantResult]]] = {}
+    for run in runs:
+        for name, v in run.variants.items():
+            by_variant.setdefault(name, []).append((run, v))
+    out: dict[str, dict] = {}
+    for name, pairs in by_variant.items():
+        agg: dict[str, Any] = {"runs": len(pairs), "seeds": [r.seed for r, _ in pairs],
+                               "complete_runs": sum(v.complete for _, v in pairs)}
+        for mod in MODALITIES:
+            agg[f"loss/{mod}/last"] = _mean_spread(
+                [(((v.pretrain or {}).get("loss") or {}).get(mod) or {}).get("last") for _, v in pairs])
+            ext = [(((v.pretrain or {}).get("length_extrapolation") or {}).get(mod) or {}) for _, v in pairs]
+            for k in _length_keys(ext):
+                agg[f"extrapolation/{mod}/{k}"] = _mean_spread([e.get(k) for e in ext])
+        counts = [(sum(bool(g.get("newtonian")) for g in v.galaxies), len(v.galaxies)) for _, v in pairs
+                  if v.galaxies]
+        agg["newtonian"] = sum(c for c, _ in counts)
+        agg["galaxies"] = sum(n for _, n in counts)
+        agg["newtonian_per_run"] = _mean_spread([c for c, _ in counts])
+        out[name] = agg
+    oracle = [run.oracle for run in runs if run.oracle]
+    out["oracle"] = {"runs": len(oracle), "newtonian": sum(bool(g.get("newtonian")) for o in oracle for g in o),
+                     "galaxies": sum(len(o) for o in oracle),
+                     "newtonian_per_run": _mean_spread([sum(bool(g.get("newtonian")) for g in o) for o in oracle])}
+    return out
+
+
+# ----------------------------------------------------------------------------------- force predictions
+FORCE_PREDICTION_FILES = ("force_predictions.csv", "predictions.csv")
+
+
+def force_predictions(variant_dir: str | Path) -> dict[str, list[float]] | None:
+    """Predicted vs true force magnitudes written by the probes stage, as columns, or ``None``.
+
+    Reads the first of ``FORCE_PREDICTION_FILES`` found in ``variant_dir`` (or ``variant_dir/probes``);
+    returns a dict of float columns including ``true`` and ``predicted`` (units Msun AU/yr²).
+    """
+    import csv
+
+    variant_dir = Path(variant_dir)
+    for base in (variant_dir, variant_dir / "probes"):
+        for name in FORCE_PREDICTION_FILES:
+            p = base / name
+            if p.exists():
+                with p.open() as f:
+                    rows = list(csv.DictReader(f))
+                if not rows:
+                    return None
+                cols: dict[str, list[float]] = {}
+                for key in rows[0]:
+                    try:
+                        cols[key] = [float(r[key]) for r in rows]
+                    except (TypeError, ValueError):
+                        continue
+                true = next((k for k in cols if k.lower() in ("true", "y_true", "target", "force_true")), None)
+                pred = next((k for k in cols if k.lower() in ("predicted", "pred", "y_pred", "force_pred")), None)
+                if true is None or pred is None:
+                    return None
+                cols["true"], cols["predicted"] = cols[true], cols[pred]
+                return cols
+    return None
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend needed
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def plot_length_extrapolation(series: dict[str, dict], out: Path, *, errors: dict[str, dict] | None = None,
+                              title: str = "") -> Path | None:
+    """Validation loss against sequence length (multiples of the training length), one line per variant.
+
+    ``series[variant] = {"orbits": {"1": loss, ...}, "text": {...}}``; ``errors`` the same shape with
+    standard deviations (drawn as error bars). Returns ``out`` or ``None`` when there is nothing to plot.
+    """
+    mods = [m for m in MODALITIES if any((s or {}).get(m) for s in series.values())]
+    if not mods:
+        return None
+    fig, axes = _figure(len(mods))
+    for ax, mod in zip(axes, mods):
+        for name, s in series.items():
+            d = (s or {}).get(mod) or {}
+            ks = [k for k in _length_keys([d]) if _isnum(k) and isinstance(d.get(k), (int, float))]
+            if not ks:
+                continue
+            x = [float(k) for k in ks]
+            y = [d[k] for k in ks]
+            err = None
+            if errors:
+                e = (errors.get(name) or {}).get(mod) or {}
+                err = [e.get(k) or 0.0 for k in ks]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("length / training length")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"{mod}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_probe_r2(variants: dict[str, dict], out: Path) -> Path | None:
+    """Linear-probe R² against layer, one panel per variant, one line per target."""
+    have = {n: lin for n, lin in variants.items() if lin}
+    if not have:
+        return None
+    fig, axes = _figure(len(have), width=4.2)
+    for ax, (name, lin) in zip(axes, have.items()):
+        for target, per_layer in lin.items():
+            if not isinstance(per_layer, dict):
+                continue
+            ks = [k for k in _length_keys([per_layer]) if isinstance(per_layer.get(k), (int, float))]
+            ax.plot([float(k) if _isnum(k) else i for i, k in enumerate(ks)], [per_layer[k] for k in ks],
+                    marker=".", label=target)
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_ylabel("held-out R²")
+        ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_newtonian_counts(agg: dict[str, dict], out: Path) -> Path | None:
+    names = [n for n in agg if agg[n].get("galaxies")]
+    if not names:
+        return None
+    fig, axes = _figure(1, width=max(4.0, 1.2 * len(names) + 2))
+    ax = axes[0]
+    got = [agg[n]["newtonian"] for n in names]
+    tot = [agg[n]["galaxies"] for n in names]
+    ax.bar(names, tot, color="0.85", label="galaxies")
+    ax.bar(names, got, color="tab:green", label="newtonian")
+    for i, (g, t) in enumerate(zip(got, tot)):
+        ax.text(i, g, f"{g}/{t}", ha="center", va="bottom")
+    ax.set_ylabel("galaxies × seeds")
+    ax.legend(fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- markdown
+def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(x: Any) -> str:
+        return _fmt(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return lines
+
+
+def _rel(p: Path, base: Path) -> str:
+    try:
+        return p.relative_to(base).as_posix()
+    except ValueError:
+        return p.as_posix()
+
+
+def _galaxy_rows(gals: list[dict]) -> list[list[Any]]:
+    rows = []
+    for i, g in enumerate(gals):
+        ex = g.get("exponents") or {}
+        rows.append([g.get("seed", i), f"`{g.get('expression')}`", g.get("newtonian"), g.get("r2_newton"),
+                     format_exponent(ex.get("r")), format_exponent(ex.get("m1")), format_exponent(ex.get("m2")),
+                     g.get("reasons", "")])
+    return rows
+
+
+GALAXY_HEADER = ["galaxy", "recovered law", "newtonian", "R² (best Newtonian fit)", "exp r", "exp m1", "exp m2",
+                 "reasons"]
+
+
+def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##") -> list[str]:
+    md: list[str] = []
+    if run.complete:
+        md.append("Status: **complete**.")
+    else:
+        md.append("Status: **incomplete** — " + "; ".join(run.problems) + ".")
+    md.append("")
+    # losses
+    rows = []
+    for name, v in run.variants.items():
+        loss = (v.pretrain or {}).get("loss") or {}
+        rows.append([name, (v.pretrain or {}).get("steps"),
+                     *[((loss.get(m) or {}).get(k)) for m in MODALITIES for k in ("first", "last")]])
+    if any(v.pretrain for v in run.variants.values()):
+        md += [f"{heading} Pretraining", ""]
+        md += _md_table(["variant", "steps", "orbits first", "orbits last", "text first", "text last"], rows)
+        md.append("")
+        ext = {n: (v.pretrain or {}).get("length_extrapolation") or {} for n, v in run.variants.items()}
+        for mod in MODALITIES:
+            keys = _length_keys([e.get(mod) for e in ext.values()])
+            if keys:
+                md += [f"Validation loss ({mod}, nats/token) at k× the training length:", ""]
+                md += _md_table(["variant", *[f"{k}×" for k in keys]],
+                                [[n, *[(e.get(mod) or {}).get(k) for k in keys]] for n, e in ext.items()])
+                md.append("")
+        png = plot_length_extrapolation(ext, fig_dir / "loss_vs_length.png")
+        if png:
+            md += [f"![validation loss against length]({_rel(png, base)})", ""]
+    # probes
+    lin = {n: (v.probes or {}).get("linear") or {} for n, v in run.variants.items()}
+    if any(lin.values()):
+        md += [f"{heading} Linear probes (held-out R² per layer)", ""]
+        for name, table in lin.items():
+            if not table:
+                continue
+            layers = _length_keys([d for d in table.values() if isinstance(d, dict)])
+            md += [f"**{name}**", ""]
+            md += _md_table(["target", *[f"L{k}" for k in layers]],
+                            [[t, *[(d or {}).get(k) for k in layers]] for t, d in table.items() if isinstance(d, dict)])
+            md.append("")
+        png = plot_probe_r2(lin, fig_dir / "probe_r2.png")
+        if png:
+            md += [f"![probe R² per layer]({_rel(png, base)})", ""]
+    if any(v.galaxies for v in run.variants.values()) or run.oracle:
+        md += [f"{heading} Recovered force laws (symbolic regression, METHOD §4.3–4.5)", ""]
+        for name, v in [*run.variants.items()]:
+            if not v.galaxies:
+                continue
+            n_ok = sum(bool(g.get("newtonian")) for g in v.galaxies)
+            md += [f"**{name}** — newtonian in {n_ok} of {len(v.galaxies)} galaxies", ""]
+            md += _md_table(GALAXY_HEADER, _galaxy_rows(v.galaxies))
+            md.append("")
+        if run.oracle:
+            n_ok = sum(bool(g.get("newtonian")) for g in run.oracle)
+            md += [f"**oracle** (2-NN on the true state) — newtonian in {n_ok} of {len(run.oracle)} galaxies", ""]
+            md += _md_table(GALAXY_HEADER, _galaxy_rows(run.oracle))
+            md.append("")
+    # figures the stages made
+    figs = []
+    for v in run.variants.values():
+        if v.dir.is_dir():
+            figs += [p for p in sorted(v.dir.rglob("*.png")) if fig_dir not in p.parents]
+    if figs:
+        md += [f"{heading} Figures from the stages", ""]
+        md += [f"- [{_rel(p, base)}]({_rel(p, base)})" for p in figs]
+        md.append("")
+    return md
+
+
+def _config_block(config: dict) -> list[str]:
+    if not config:
+        return ["(no config found)", ""]
+    from omegaconf import OmegaConf
+
+    try:
+        text = OmegaConf.to_yaml(OmegaConf.create(config))
+    except Exception:  # a config with odd content is still shown
+        text = json.dumps(config, indent=2, default=str)
+    return ["<details><summary>resolved config</summary>", "", "```yaml", text.rstrip(), "```", "", "</details>", ""]
+
+
+def render_run(run: RunResult) -> str:
+    base = run.dir
+    md = [f"# gravprobe report: {run.dir.name}", "",
+          f"Stage `{run.stage}`, seed {run.seed}, variants: {', '.join(run.variants) or '—'}.", ""]
+    if run.pipeline and run.pipeline.get("timings_s"):
+        t = run.pipeline["timings_s"]
+        md += ["Stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()
+                                                 if isinstance(v, (int, float))) + ".", ""]
+    md += _run_sections(run, base, base / "figures")
+    md += ["## Config", ""] + _config_block(run.config)
+    return "\n".join(md) + "\n"
+
+
+def _varying_overrides(runs: list[RunResult]) -> list[str]:
+    keys = set()
+    for r in runs:
+        ov = r.dir / ".hydra" / "overrides.yaml"
+        if ov.exists():
+            try:
+                from omegaconf import OmegaConf
+
+                keys |= {str(o).split("=", 1)[0] for o in OmegaConf.load(ov)}
+            except Exception:
+                pass
+    return sorted(keys - {"stage"})
+
+
+def render_sweep(sweep: SweepResult) -> str:
+    base = sweep.dir
+    agg = aggregate(sweep)
+    variants = [n for n in agg if n != "oracle"]
+    md = [f"# gravprobe sweep report: {sweep.dir.name}", "",
+          f"{len(sweep.runs)} runs; variants: {', '.join(variants) or '—'}; "
+          f"swept: {', '.join(_varying_overrides(sweep.runs)) or '—'}.", ""]
+    incomplete = [r for r in sweep.runs if not r.complete]
+    if sweep.complete:
+        md += ["Status: **complete** (every run finished every stage).", ""]
+    else:
+        md += ["Status: **incomplete**:", ""]
+        md += [f"- {p}" for p in sweep.problems]
+        md += [f"- `{r.dir.name}`: " + "; ".join(r.problems) for r in incomplete]
+        md.append("")
+    md += ["## Newton's law recovered (galaxies × seeds)", ""]
+    md += _md_table(["model", "newtonian", "galaxies", "per run (mean ± sd)", "runs"],
+                    [[n, agg[n]["newtonian"], agg[n]["galaxies"], _pm(agg[n]["newtonian_per_run"]), agg[n]["runs"]]
+                     for n in [*variants, "oracle"]])
+    md.append("")
+    png = plot_newtonian_counts(agg, base / "figures" / "newtonian_counts.png")
+    if png:
+        md += [f"![newtonian counts]({_rel(png, base)})", ""]
+    md += ["## Losses across seeds (mean ± sd, n)", ""]
+    md += _md_table(["variant", *[f"{m} last" for m in MODALITIES]],
+                    [[n, *[_pm(agg[n][f"loss/{m}/last"]) for m in MODALITIES]] for n in variants])
+    md.append("")
+    series, errors = {}, {}
+    for mod in MODALITIES:
+        keys = sorted({k.split("/")[2] for n in variants for k in agg[n] if k.startswith(f"extrapolation/{mod}/")},
+                      key=lambda k: (float(k) if _isnum(k) else math.inf, k))
+        if not keys:
+            continue
+        md += [f"Length extrapolation, {mod} (validation loss at k× training length, mean ± sd):", ""]
+        md += _md_table(["variant", *[f"{k}×" for k in keys]],
+                        [[n, *[_pm(agg[n].get(f"extrapolation/{mod}/{k}")) for k in keys]] for n in variants])
+        md.append("")
+        for n in variants:
+            series.setdefault(n, {})[mod] = {k: agg[n][f"extrapolation/{mod}/{k}"]["mean"] for k in keys
+                                              if agg[n].get(f"extrapolation/{mod}/{k}", {}).get("mean") is not None}
+            errors.setdefault(n, {})[mod] = {k: agg[n][f"extrapolation/{mod}/{k}"]["std"] for k in keys
+                                              if agg[n].get(f"extrapolation/{mod}/{k}", {}).get("std") is not None}
+    png = plot_length_extrapolation(series, base / "figures" / "loss_vs_length.png", errors=errors,
+                                    title="mean ± sd across seeds")
+    if png:
+        md += [f"![loss against length]({_rel(png, base)})", ""]
+    md += ["## Runs", ""]
+    rows = []
+    for r in sweep.runs:
+        for n, v in r.variants.items():
+            k = sum(bool(g.get("newtonian")) for g in v.galaxies)
+            rows.append([f"[{r.dir.name}]({_rel(r.dir, base)}/report.md)", r.seed, n,
+                         (((v.pretrain or {}).get("loss") or {}).get("orbits") or {}).get("last"),
+                         f"{k}/{len(v.galaxies)}" if v.galaxies else "—", "yes" if v.complete else "no"])
+    md += _md_table(["run", "seed", "variant", "orbits loss", "newtonian", "complete"], rows)
+    md.append("")
+    md += ["## Equations (every galaxy of every run)", ""]
+    md += _md_table(["run", "seed", "model", "galaxy", "recovered law", "newtonian", "R² Newton"],
+                    [[e["run"], e["seed"], e["model"], e["galaxy"], f"`{e['expression']}`", e["newtonian"],
+                      e["r2_newton"]] for e in equations_table(sweep)])
+    md.append("")
+    return "\n".join(md) + "\n"
+
+
+def _pm(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "—"
+    return f"{_fmt(s['mean'])} ± {_fmt(s['std'])} (n={s['n']})"
+
+
+def report_dir(path: str | Path) -> Path:
+    """Write ``report.md`` (and ``figures/*.png``) for a run or sweep folder; return the report's path.
+
+    A sweep report also (re)writes each of its runs' reports. Reads files only (results.json,
+    config.yaml, .hydra/overrides.yaml); never trains or probes anything.
+    """
+    from gravprobe.common import atomic_write_bytes
+
+    path = Path(path).expanduser().resolve()
+    result = load(path)
+    if isinstance(result, SweepResult):
+        for run in result.runs:
+            atomic_write_bytes(run.dir / "report.md", render_run(run).encode())
+        text = render_sweep(result)
+    else:
+        text = render_run(result)
+    out = path / "report.md"
+    atomic_write_bytes(out, text.encode())
+    state = "complete" if result.complete else "INCOMPLETE"
+    log.info("report (%s) written: %s", state, out)
+    return out
+
+
+def main(cfg, run_dir: Path) -> dict:
+    """``gravprobe report report.source=DIR``: report a run or sweep folder (``DIR``) in place."""
+    source = (cfg.get("report") or {}).get("source")
+    if not source:
+        raise ReportError("say which folder to report: `gravprobe report PATH` or "
+                          "`gravprobe report report.source=PATH` (a run folder or a sweep folder)")
+    out = report_dir(Path(str(source)))
+    return {"report": str(out)}
+
+
+try:  # the Hydra callback that writes a sweep's report when a --multirun ends
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class SweepReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
+    """``on_multirun_end``: write ``report.md`` into the sweep folder (stages ``run``, ``pretrain``, ``probe``).
+
+    Registered in ``conf/config.yaml`` under ``hydra.callbacks``; a failing report is logged, never
+    turned into a failed sweep (the runs' own results are already on disk).
+    """
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if config.get("stage") not in STAGE_SECTIONS:
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():
+            return
+        try:
+            out = report_dir(sweep_dir)
+            log.info("sweep report: %s", out)
+        except Exception as e:  # noqa: BLE001 - reporting must not hide the sweep's own outcome
+            log.error("could not write the sweep report for %s: %s (retry: gravprobe report %s)",
+                      sweep_dir, e, sweep_dir)

@@ -1,0 +1,209 @@
+"""The report, from files alone: complete and incomplete runs, single-stage runs, and sweeps."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from gravprobe import report
+from test_report_fixtures import LENGTHS, write_run, write_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_ok(path):
+    return path.exists() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
+
+
+def test_complete_run_report(tmp_path):
+    run_dir = write_run(tmp_path / "run", ["softmax", "lssa", "lssar"], seed=3, n_newton={"lssar": 5, "lssa": 2})
+    out = report.report_dir(run_dir)
+    assert out == run_dir / "report.md"
+    md = out.read_text()
+    assert "Status: **complete**" in md
+    # every variant's galaxies, with their verdict counts, and the oracle's row
+    assert "**softmax** — newtonian in 0 of 5 galaxies" in md
+    assert "**lssa** — newtonian in 2 of 5 galaxies" in md
+    assert "**lssar** — newtonian in 5 of 5 galaxies" in md
+    assert "**oracle** (2-NN on the true state) — newtonian in 5 of 5 galaxies" in md
+    assert md.count("`cos(cos(2.19*m1))`") == 5 + 3  # softmax 5, lssa 3 non-newtonian galaxies
+    assert "-2.00 [-2.01, -1.99]" in md  # exponent with its confidence interval
+    # loss vs length tables for both modalities, with every length
+    for mod in ("orbits", "text"):
+        assert f"Validation loss ({mod}, nats/token)" in md
+    assert all(f"{k}×" in md for k in LENGTHS)
+    # probe R² per layer table
+    assert "| target | L0 | L1 | L2 |" in md
+    # the config, and the plots
+    assert "resolved config" in md and "seed: 3" in md
+    assert _png_ok(run_dir / "figures" / "loss_vs_length.png")
+    assert _png_ok(run_dir / "figures" / "probe_r2.png")
+    assert "](figures/loss_vs_length.png)" in md
+
+
+def test_report_is_rebuilt_from_files_alone(tmp_path):
+    run_dir = write_run(tmp_path / "run", ["softmax", "lssar"])
+    first = report.report_dir(run_dir).read_text()
+    (run_dir / "report.md").unlink()
+    for p in (run_dir / "figures").iterdir():
+        p.unlink()
+    assert report.report_dir(run_dir).read_text() == first
+    assert _png_ok(run_dir / "figures" / "loss_vs_length.png")
+
+
+@pytest.mark.parametrize("drop, expect", [
+    ({"lssar": "probes"}, "lssar: probes missing"),
+    ({"lssar": "pretrain"}, "lssar: pretrain missing"),
+    ({"lssa": "folder"}, "lssa: folder lssa/ missing"),
+])
+def test_incomplete_run_is_reported_not_skipped(tmp_path, drop, expect):
+    run_dir = write_run(tmp_path / "run", ["softmax", "lssa", "lssar"], drop=drop)
+    run = report.load(run_dir)
+    assert not run.complete
+    assert any(expect in p for p in run.problems), run.problems
+    md = report.report_dir(run_dir).read_text()
+    assert "Status: **incomplete**" in md and expect in md
+    # the variants that did finish are still reported in full
+    assert "**softmax** — newtonian in 0 of 5 galaxies" in md
+
+
+def test_missing_checkpoint_and_oracle_are_problems(tmp_path):
+    run_dir = write_run(tmp_path / "run", ["lssar", "softmax"])
+    (run_dir / "softmax" / "checkpoints" / "last.pt").unlink()
+    res = json.loads((run_dir / "lssar" / "results.json").read_text())
+    res["probes"].pop("oracle")
+    (run_dir / "lssar" / "results.json").write_text(json.dumps(res))
+    problems = report.load(run_dir).problems
+    assert any("softmax: checkpoint missing" in p for p in problems)
+    assert any("oracle missing" in p for p in problems)
+
+
+def test_empty_run_folder_is_incomplete(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "config.yaml").write_text("stage: run\nseed: 0\nattention: {name: lssar}\npipeline: {variants: null}\n")
+    run = report.load(d)
+    assert not run.complete
+    assert any("results.json missing" in p for p in run.problems)
+    assert any("lssar: folder lssar/ missing" in p for p in run.problems)
+    assert "incomplete" in report.report_dir(d).read_text()
+
+
+def test_single_stage_pretrain_folder(tmp_path):
+    d = tmp_path / "pre"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "last.pt").write_bytes(b"x")
+    from test_report_fixtures import variant_results
+
+    res = variant_results("lssa", 0, n_newton=0, with_oracle=False)
+    (d / "results.json").write_text(json.dumps({"config": {"stage": "pretrain", "seed": 0,
+                                                           "attention": {"name": "lssa"}},
+                                                "pretrain": res["pretrain"]}))
+    run = report.load(d)
+    assert run.stage == "pretrain" and list(run.variants) == ["lssa"] and run.complete
+    md = report.report_dir(d).read_text()
+    assert "## Pretraining" in md and "Recovered force laws" not in md
+
+
+def test_sweep_aggregates_across_seeds(tmp_path):
+    sweep_dir = write_sweep(tmp_path / "sweep", variants=("softmax", "lssar"), seeds=(0, 1, 2))
+    sweep = report.load(sweep_dir)
+    assert isinstance(sweep, report.SweepResult) and len(sweep.runs) == 6 and sweep.complete
+    agg = report.aggregate(sweep)
+    # mean ± sample sd of the final orbit loss across the three seeds, checked independently
+    for name in ("softmax", "lssar"):
+        lasts = [json.loads((r.dir / name / "results.json").read_text())["pretrain"]["loss"]["orbits"]["last"]
+                 for r in sweep.runs if name in r.variants]
+        assert agg[name]["loss/orbits/last"]["mean"] == pytest.approx(statistics.mean(lasts))
+        assert agg[name]["loss/orbits/last"]["std"] == pytest.approx(statistics.stdev(lasts))
+        assert agg[name]["loss/orbits/last"]["n"] == 3
+        assert agg[name]["seeds"] == [0, 1, 2]
+    assert agg["lssar"]["extrapolation/orbits/16"]["mean"] < agg["softmax"]["extrapolation/orbits/16"]["mean"]
+    assert (agg["lssar"]["newtonian"], agg["lssar"]["galaxies"]) == (12, 15)
+    assert (agg["softmax"]["newtonian"], agg["softmax"]["galaxies"]) == (0, 15)
+    assert (agg["oracle"]["newtonian"], agg["oracle"]["galaxies"]) == (30, 30)
+
+    md = report.report_dir(sweep_dir).read_text()
+    assert "Status: **complete**" in md
+    assert "| lssar | 12 | 15 |" in md and "| softmax | 0 | 15 |" in md
+    assert "swept: attention, seed" in md
+    assert _png_ok(sweep_dir / "figures" / "loss_vs_length.png")
+    assert _png_ok(sweep_dir / "figures" / "newtonian_counts.png")
+    # each run got its own report, linked from the sweep's
+    assert all((r.dir / "report.md").exists() for r in sweep.runs)
+    assert "0_run_attention=softmax,seed=0/report.md" in md
+    # every galaxy of every run is listed
+    assert len(report.equations_table(sweep)) == 6 * 5 + 6 * 5  # variants + oracle rows
+
+
+def test_sweep_with_an_incomplete_job(tmp_path):
+    sweep_dir = write_sweep(tmp_path / "sweep", seeds=(0, 1), drop_job=3)
+    (sweep_dir / "stray").mkdir()
+    sweep = report.load(sweep_dir)
+    assert not sweep.complete
+    md = report.report_dir(sweep_dir).read_text()
+    assert "Status: **incomplete**" in md
+    line = next(ln for ln in md.splitlines() if "3_run_attention=lssar,seed=1`:" in ln)
+    assert "lssar: probes missing" in line
+    assert "stray/ is not a run folder" in md
+    agg = report.aggregate(sweep)
+    assert agg["lssar"]["galaxies"] == 5 and agg["lssar"]["complete_runs"] == 1
+
+
+def test_equations_table_rows(tmp_path):
+    run_dir = write_run(tmp_path / "run", ["softmax", "lssar"], n_newton={"lssar": 3})
+    rows = report.equations_table(report.load(run_dir))
+    assert [r["model"] for r in rows] == ["softmax"] * 5 + ["lssar"] * 5 + ["oracle"] * 5
+    assert sum(r["newtonian"] for r in rows if r["model"] == "lssar") == 3
+    assert rows[0]["exp_r"] == "-0.31 [-0.50, -0.10]"
+
+
+def test_force_predictions_loader(tmp_path):
+    run_dir = write_run(tmp_path / "run", ["softmax"])
+    cols = report.force_predictions(run_dir / "softmax")
+    assert len(cols["true"]) == 100 and len(cols["predicted"]) == 100
+    assert report.force_predictions(tmp_path) is None
+
+
+def test_bad_paths_raise_clear_errors(tmp_path):
+    with pytest.raises(report.ReportError, match="does not exist"):
+        report.report_dir(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(report.ReportError, match="neither a run folder"):
+        report.report_dir(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "results.json").write_text("{not json")
+    with pytest.raises(report.ReportError, match="not valid JSON"):
+        report.report_dir(bad)
+
+
+def test_cli_report_dir_and_hydra_form(tmp_path, capsys, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from gravprobe import cli
+
+    run_dir = write_run(tmp_path / "run", ["lssar"])
+    cli.main(["report", str(run_dir)])
+    assert str(run_dir / "report.md") in capsys.readouterr().out
+    (run_dir / "report.md").unlink()
+    out = report.main(OmegaConf.create({"report": {"source": str(run_dir)}}), tmp_path / "hydra_run")
+    assert out["report"] == str(run_dir / "report.md") and (run_dir / "report.md").exists()
+    with pytest.raises(report.ReportError, match="report.source"):
+        report.main(OmegaConf.create({"report": {"source": None}}), tmp_path)
+
+
+def test_sweep_callback_writes_sweep_report(tmp_path):
+    from omegaconf import OmegaConf
+
+    sweep_dir = write_sweep(tmp_path / "sweep", seeds=(0,))
+    cfg = OmegaConf.create({"stage": "run", "hydra": {"sweep": {"dir": str(sweep_dir)}}})
+    report.SweepReportCallback().on_multirun_end(cfg)
+    assert "gravprobe sweep report" in (sweep_dir / "report.md").read_text()
+    # a `generate` sweep gets no report
+    other = tmp_path / "gen"
+    other.mkdir()
+    report.SweepReportCallback().on_multirun_end(
+        OmegaConf.create({"stage": "generate", "hydra": {"sweep": {"dir": str(other)}}}))
+    assert not (other / "report.md").exists()
