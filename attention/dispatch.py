@@ -107,12 +107,17 @@ def triton_available() -> bool:
 def kernel_support(q: torch.Tensor, variant: str, causal: bool) -> tuple[bool, str]:
     """Whether the Triton kernels can run this call; ``(ok, reason)`` with the reason when not.
 
-    Asks ``gravprobe.kernels.supports(variant, dtype=..., head_dim=..., causal=...)`` when the kernels
-    define it; otherwise: variant in ``SUPPORTED_VARIANTS``, causal, fp16/bf16/fp32, head dim <= 128.
+    Requires ``gravprobe.kernels`` to import, its ``is_available()`` (when defined: Triton importable and
+    CUDA or ``TRITON_INTERPRET=1``) to be true and ``variant`` to be in ``SUPPORTED_VARIANTS``; then asks
+    ``gravprobe.kernels.supports(variant, dtype=..., head_dim=..., causal=...)`` when defined, else
+    requires fp16/bf16/fp32 and head dim <= 128.
     """
     kernels, error = _load_kernels()
     if kernels is None:
         return False, f"gravprobe.kernels is not usable ({error})"
+    is_available = getattr(kernels, "is_available", None)
+    if callable(is_available) and not is_available():
+        return False, "Triton cannot run here (no CUDA device and TRITON_INTERPRET is not 1)"
     if variant not in tuple(kernels.SUPPORTED_VARIANTS):
         return False, (f"the Triton kernels do not implement variant {variant!r} "
                        f"(they support: {', '.join(kernels.SUPPORTED_VARIANTS)})")
@@ -121,8 +126,6 @@ def kernel_support(q: torch.Tensor, variant: str, causal: bool) -> tuple[bool, s
         ok = bool(supports(variant, dtype=q.dtype, head_dim=q.shape[-1], causal=causal))
         return ok, "" if ok else (f"the Triton kernels do not support {variant!r} with dtype {q.dtype}, "
                                   f"head dim {q.shape[-1]}, causal={causal}")
-    if not causal:
-        return False, "the Triton kernels are causal only"
     if q.dtype not in _DEFAULT_KERNEL_DTYPES:
         return False, f"the Triton kernels do not take dtype {q.dtype}"
     if q.shape[-1] > _DEFAULT_KERNEL_MAX_HEAD_DIM:
@@ -211,5 +214,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
     _check_qkv(q, k, v)
     chosen = select_backend(q, variant, causal=causal, backend=backend)
     if chosen == "triton":
-        return _kernels_module.fused_attention(q, k, v, variant, causal=causal, **resolved)
+        kernels, _ = _load_kernels()
+        return kernels.fused_attention(q, k, v, variant, causal=causal, **resolved)
     return reference_attention(q, k, v, variant, causal=causal, **resolved)
