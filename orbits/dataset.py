@@ -1,0 +1,785 @@
+"""Orbit-sequence datasets: the spec, the vectorised sequence builder, and the sharded on-disk format.
+
+Sequence layout (METHOD.md §1.3): position 0 holds the dt marker; then, per time step, each planet in
+turn, then the star; the rest is padding. A system with K planets fills ``n = (T - 1) // (K + 1)`` time
+steps of a ``T``-token sequence.
+
+Arrays per system (``T`` = ``seq_len``):
+
+=============  ===============  ==========================================================================
+name           shape / dtype    meaning
+=============  ===============  ==========================================================================
+tokens         [T, 2] int16     x and y bin ids; V / V+1 dt markers (both channels), V+2 padding
+positions      [T, 2] float32   observed (inertial) coordinates that were tokenised, AU (0 at marker/pad)
+states         [T, 6] float32   planet steps: rel x, rel y (AU), rel vx, rel vy (AU/yr), m_planet, m_star
+                                (Msun); "rel" = planet - star; zero at star, marker and padding steps
+forces         [T, 2] float32   force on the planet, Msun AU/yr^2: from the star (kepler mode) or from all
+                                bodies (nbody mode); zero elsewhere
+labelled       [T] bool         a force label is given (planet steps only, see ``labelling``)
+bodies         [T] int8         -1 marker/padding, 0 star, j >= 1 planet j
+dt             [] float64       time step, yr
+n_bodies       [] int8          planets + star
+energy_error   [] float32       nbody mode: max relative energy drift over the sequence (0 for kepler)
+=============  ===============  ==========================================================================
+
+On disk: ``<out>/manifest.json`` plus ``<out>/shard-<k>/<array>.npy`` (one ``.npy`` per array per shard,
+memory-mappable). Shard k holds systems ``[k * shard_size, (k+1) * shard_size)`` and is a pure function of
+(spec, seed, k): its random numbers come from ``numpy.random.default_rng([seed, k, stream])``, so the
+bytes do not depend on the number of worker processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gravprobe.orbits import physics
+from gravprobe.orbits.physics import G
+from gravprobe.orbits.priors import DEFAULT_PRIORS, SystemParams, sample_systems
+from gravprobe.orbits.tokens import OrbitTokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gravprobe-orbits/1"
+MODES = ("kepler", "nbody")
+SYSTEMS = ("prior", "solar_system")
+ARRAYS = ("tokens", "positions", "states", "forces", "labelled", "bodies", "dt", "n_bodies", "energy_error")
+_STREAM_PARAMS, _STREAM_LABELS = 0, 1
+
+
+class DatasetError(RuntimeError):
+    """A dataset on disk is missing, incomplete, corrupted, or was made from a different spec."""
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _floats(d):
+    """Numbers in a nested dict/list as floats (so that 32 and 32.0 hash alike)."""
+    if isinstance(d, dict):
+        return {k: _floats(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_floats(v) for v in d]
+    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else d
+
+
+@dataclass
+class DatasetSpec:
+    """Everything that determines a dataset's bytes (together with the seed).
+
+    ``mode``: ``kepler`` (exact two-body orbits; K = 1 moves the star about the centre of mass, K > 1 pins
+    it, METHOD.md §1.1) or ``nbody`` (same initial conditions, mutual forces, Wisdom–Holman).
+    ``system``: ``prior`` (METHOD.md §1.2 priors) or ``solar_system``. ``dt``: ``null`` = uniform over
+    ``dt_choices`` (years), else one of them. ``labelling.full_systems``: systems with a lower index get a
+    label at every planet step; the rest get exactly ``labelling.partial_steps`` labelled planet steps
+    (seeded); ``null`` labels every planet step of every system. ``nbody``: sub-steps are chosen so that
+    the innermost orbit gets ``steps_per_orbit`` Wisdom–Holman steps (rounded up to a power of two, at most
+    ``max_substeps``); systems whose relative energy drift exceeds ``energy_tolerance`` are re-integrated
+    with 4x more sub-steps until they meet it or hit ``max_substeps`` (then they keep their
+    ``energy_error`` and a warning is logged).
+    """
+
+    name: str = "pretrain"
+    mode: str = "kepler"
+    system: str = "prior"
+    n_systems: int = 1000
+    seq_len: int = 1000
+    n_bins: int = 7000
+    coord_range: float = 50.0
+    dt_choices: tuple = (0.0189, 0.486)
+    dt: float | None = None
+    planets: tuple = (1, 10)
+    priors: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PRIORS)))
+    labelling: dict = field(default_factory=lambda: {"full_systems": None, "partial_steps": 2})
+    shard_size: int = 1024
+    nbody: dict = field(default_factory=lambda: {"steps_per_orbit": 20.0, "max_substeps": 1024,
+                                                 "energy_tolerance": 1e-5})
+
+    def __post_init__(self) -> None:
+        self.dt_choices = tuple(float(x) for x in self.dt_choices)
+        self.planets = tuple(int(x) for x in self.planets)
+        self.priors = _floats(_deep_merge(json.loads(json.dumps(DEFAULT_PRIORS)), dict(self.priors or {})))
+        lab = {"full_systems": None, "partial_steps": 2, **dict(self.labelling or {})}
+        self.labelling = {"full_systems": None if lab["full_systems"] is None else int(lab["full_systems"]),
+                          "partial_steps": lab["partial_steps"], **{k: v for k, v in lab.items()
+                                                                   if k not in ("full_systems", "partial_steps")}}
+        nb = {"steps_per_orbit": 20.0, "max_substeps": 1024, "energy_tolerance": 1e-5, **dict(self.nbody or {})}
+        self.nbody = {**nb, "steps_per_orbit": float(nb["steps_per_orbit"]), "max_substeps": int(nb["max_substeps"]),
+                      "energy_tolerance": float(nb["energy_tolerance"])}
+        self.coord_range = float(self.coord_range)
+        self.dt = None if self.dt is None else float(self.dt)
+        for k in ("n_systems", "seq_len", "n_bins", "shard_size"):
+            setattr(self, k, int(getattr(self, k)))
+        unknown = set(self.labelling) - {"full_systems", "partial_steps"}
+        unknown |= {f"nbody.{k}" for k in set(self.nbody) - {"steps_per_orbit", "max_substeps", "energy_tolerance"}}
+        if unknown:
+            raise ValueError(f"unknown dataset spec keys {sorted(unknown)}")
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------ config
+    @classmethod
+    def from_config(cls, cfg: Any) -> "DatasetSpec":
+        """From a Hydra/OmegaConf node (``cfg.data``) or a plain dict; unknown keys raise."""
+        if not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = dict(cfg)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"unknown dataset spec keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dt_choices"] = list(self.dt_choices)
+        d["planets"] = list(self.planets)
+        return d
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON of :meth:`to_dict` (hex)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **changes) -> "DatasetSpec":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown data.mode {self.mode!r}; choose one of {list(MODES)}")
+        if self.system not in SYSTEMS:
+            raise ValueError(f"unknown data.system {self.system!r}; choose one of {list(SYSTEMS)}")
+        if self.n_systems < 1:
+            raise ValueError(f"data.n_systems must be >= 1, got {self.n_systems}")
+        if self.shard_size < 1:
+            raise ValueError(f"data.shard_size must be >= 1, got {self.shard_size}")
+        if len(self.dt_choices) != 2:
+            raise ValueError(f"data.dt_choices must hold the two time steps (yr), got {list(self.dt_choices)}")
+        physics.check_dt(self.dt_choices)
+        if self.dt is not None and float(self.dt) not in self.dt_choices:
+            raise ValueError(f"data.dt={self.dt} must be null or one of data.dt_choices {list(self.dt_choices)}")
+        kmax = self.max_planets
+        if self.seq_len < kmax + 2:
+            raise ValueError(f"data.seq_len={self.seq_len} is too short: a system with {kmax} planets needs "
+                             f"at least {kmax + 2} tokens (marker + one time step)")
+        OrbitTokenizer(self.n_bins, self.coord_range)
+        ps = self.labelling.get("partial_steps")
+        if not isinstance(ps, int) or ps < 1:
+            raise ValueError(f"data.labelling.partial_steps must be a positive int, got {ps!r}")
+        pr = self.priors
+        physics.check_semi_major_axis([pr["semi_major_axis"]["low"], pr["semi_major_axis"]["high"]])
+        physics.check_masses(pr["planet_mass"]["clip"], "planet mass clip")
+        physics.check_masses(pr["star_mass"]["clip"], "star mass clip")
+        if self.mode == "nbody" and pr["planet_mass"]["clip"][1] >= pr["star_mass"]["clip"][0]:
+            raise physics.MassRatioError("nbody mode needs planet masses below star masses: "
+                                         f"planet clip {pr['planet_mass']['clip']}, star clip "
+                                         f"{pr['star_mass']['clip']}")
+
+    # ------------------------------------------------------------------------------------------ derived
+    @property
+    def max_planets(self) -> int:
+        return 8 if self.system == "solar_system" else self.planets[1]
+
+    @property
+    def tokenizer(self) -> OrbitTokenizer:
+        return OrbitTokenizer(self.n_bins, self.coord_range, n_dt=len(self.dt_choices))
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_systems // self.shard_size)
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        """Systems ``[start, stop)`` of shard k."""
+        start = k * self.shard_size
+        return start, min(start + self.shard_size, self.n_systems)
+
+
+# ---------------------------------------------------------------------------------------- the builder
+def _block_params(spec: DatasetSpec, seed: int, k: int) -> SystemParams:
+    """Parameters of the ``shard_size`` systems of block k (always the full block, for purity)."""
+    rng = np.random.default_rng([int(seed), int(k), _STREAM_PARAMS])
+    dt_index = None if spec.dt is None else spec.dt_choices.index(float(spec.dt))
+    return sample_systems(rng, spec.shard_size, system=spec.system, planets=spec.planets,
+                          priors=spec.priors, n_dt=len(spec.dt_choices), dt_index=dt_index)
+
+
+def _layout(n_planets: np.ndarray, T: int):
+    """Token grid [S, T]: time step ``s``, slot ``j`` (j == K is the star), and the planet/star masks."""
+    t = np.arange(T)[None, :]
+    kp1 = (n_planets + 1)[:, None]
+    n_steps = (T - 1) // (n_planets + 1)
+    s = (t - 1) // kp1
+    j = (t - 1) % kp1
+    valid = (t >= 1) & (s < n_steps[:, None])
+    is_planet = valid & (j < n_planets[:, None])
+    is_star = valid & (j == n_planets[:, None])
+    return s, j, is_planet, is_star, n_steps
+
+
+def _pin_star(p: SystemParams) -> tuple[np.ndarray, np.ndarray]:
+    """Initial star position [S, 2] (AU): K = 1 -> on its orbit about the centre of mass at t = 0;
+    K > 1 -> pinned at a random point (phase ``pin_phase``) of the two-body orbit with planet
+    ``pin_planet`` (METHOD.md §1.1). Also returns the relative states of planet 0 at t = 0 for K = 1."""
+    S = len(p.m_star)
+    rows = np.arange(S)
+    jp = np.where(p.n_planets == 1, 0, p.pin_planet)
+    mp = p.m_planet[rows, jp]
+    mu = G * (mp + p.m_star)
+    # K = 1: star position at t = 0 (phase 0); K > 1: a random phase along that orbit
+    extra = np.where(p.n_planets == 1, 0.0, 2 * np.pi * p.pin_phase)
+    rel, _ = physics.kepler_state(p.a[rows, jp], p.e[rows, jp], p.omega[rows, jp],
+                                  p.mean_anomaly[rows, jp] + extra, mu)
+    return p.com - (mp / (mp + p.m_star))[:, None] * rel
+
+
+def _labels(spec: DatasetSpec, seed: int, k: int, rows: np.ndarray, index: np.ndarray,
+            is_planet: np.ndarray) -> np.ndarray:
+    full = spec.labelling.get("full_systems")
+    labelled = is_planet.copy()
+    if full is None:
+        return labelled
+    partial = index >= int(full)
+    if partial.any():
+        rng = np.random.default_rng([int(seed), int(k), _STREAM_LABELS])
+        keys = rng.random((spec.shard_size, spec.seq_len))[rows]
+        keys = np.where(is_planet, keys, np.inf)
+        n = int(spec.labelling["partial_steps"])
+        pick = np.argsort(keys, axis=1, kind="stable")[:, :n]
+        chosen = np.zeros_like(is_planet)
+        np.put_along_axis(chosen, pick, True, axis=1)
+        chosen &= is_planet
+        labelled[partial] = chosen[partial]
+    return labelled
+
+
+def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, is_star):
+    """Kepler-mode positions, relative states and star forces on the token grid (float64)."""
+    S = len(p.m_star)
+    row, col = np.nonzero(is_planet)
+    jj = j[row, col]
+    ss = s[row, col]
+    mp = p.m_planet[row, jj]
+    ms = p.m_star[row]
+    mu = G * (mp + ms)
+    a = p.a[row, jj]
+    n = np.sqrt(mu / (a * a * a))
+    M = p.mean_anomaly[row, jj] + n * (ss * dts[row])
+    rel, vel = physics.kepler_state(a, p.e[row, jj], p.omega[row, jj], M, mu)
+    star0 = _pin_star(p)
+    single = p.n_planets == 1
+    # K = 1: planet = com + m_s/M rel, star = com - m_p/M rel ; K > 1: planet = pin + rel, star = pin
+    origin = np.where(single[:, None], p.com, star0)
+    cp = np.where(single[row], ms / (mp + ms), 1.0)
+    positions = np.zeros((S, T, 2))
+    positions[row, col] = origin[row] + cp[:, None] * rel
+    srow, scol = np.nonzero(is_star)
+    star = np.broadcast_to(origin[srow], (len(srow), 2)).copy()
+    one = single[srow]
+    if one.any():  # the planet's token sits just before the star's, at the same time step
+        r1, c1 = srow[one], scol[one] - 1
+        m1 = p.m_planet[r1, 0]
+        star[one] -= (m1 / (m1 + p.m_star[r1]))[:, None] * _gather(rel, row, col, r1, c1, T)
+    positions[srow, scol] = star
+    forces = physics.gravity_force(rel, mp, ms)
+    return row, col, positions, rel, vel, mp, ms, forces, np.zeros(S)
+
+
+def _gather(values: np.ndarray, row, col, r, c, T: int) -> np.ndarray:
+    """values (aligned with the (row, col) planet points, row-major sorted) at points (r, c)."""
+    key = row * T + col
+    idx = np.searchsorted(key, r * T + c)
+    return values[idx]
+
+
+def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, is_star):
+    """N-body positions, relative states and total forces on the token grid (float64)."""
+    S, K = p.e.shape
+    real = p.planet_mask
+    m = np.where(real, p.m_planet, 0.0)
+    mu = G * (p.m_planet + p.m_star[:, None])
+    rel0, vel0 = physics.kepler_state(p.a, p.e, p.omega, p.mean_anomaly, mu)  # [S, K, 2] heliocentric
+    star0 = _pin_star(p)
+    Mtot = p.m_star + m.sum(1)
+    star_v0 = -(m[..., None] * vel0).sum(1) / Mtot[:, None]  # zero total momentum
+    n_steps = (T - 1) // (p.n_planets + 1)
+    pmin = np.where(real, physics.orbital_period(p.a, mu), np.inf).min(1)
+    cfg = spec.nbody
+    sub = physics.nbody_substeps(dts, pmin, float(cfg["steps_per_orbit"]), int(cfg["max_substeps"]))
+    nmax = int(n_steps.max())
+    planet_pos = np.zeros((S, K, nmax, 2))
+    planet_vel = np.zeros((S, K, nmax, 2))
+    star_pos = np.zeros((S, nmax, 2))
+    star_vel = np.zeros((S, nmax, 2))
+    err = np.zeros(S)
+    todo = np.arange(S)
+    tol = float(cfg["energy_tolerance"])
+    while len(todo):
+        for nsub in np.unique(sub[todo]):
+            g = todo[sub[todo] == nsub]
+            g = g[np.argsort(-n_steps[g], kind="stable")]
+            kg = int(p.n_planets[g].max())
+            tr = physics.integrate_nbody(p.m_star[g], p.m_planet[g, :kg], star0[g], star_v0[g],
+                                         star0[g, None] + rel0[g, :kg], star_v0[g, None] + vel0[g, :kg],
+                                         dts[g], int(n_steps[g].max()), int(nsub), real=real[g, :kg],
+                                         active_steps=n_steps[g])
+            n_g = tr.star_pos.shape[1]
+            planet_pos[g, :kg, :n_g], planet_vel[g, :kg, :n_g] = tr.planet_pos, tr.planet_vel
+            star_pos[g, :n_g], star_vel[g, :n_g] = tr.star_pos, tr.star_vel
+            err[g] = tr.energy_error
+        redo = todo[(err[todo] > tol) & (sub[todo] < int(cfg["max_substeps"]))]
+        sub[redo] = np.minimum(sub[redo] * 4, int(cfg["max_substeps"]))
+        todo = redo
+    bad = err > tol
+    if bad.any():
+        log.warning("nbody: %d of %d systems exceed the energy tolerance %.1e at max_substeps=%d "
+                    "(worst %.2e; likely close planet-planet encounters); see the energy_error array",
+                    bad.sum(), S, tol, int(cfg["max_substeps"]), err.max())
+    # total force on each planet: star + other planets
+    F = physics.gravity_force(planet_pos - star_pos[:, None], m[..., None], p.m_star[:, None, None])
+    for k2 in range(K):
+        d = planet_pos - planet_pos[:, k2:k2 + 1]
+        r2 = (d**2).sum(-1)
+        ok = real[:, :, None] & real[:, k2:k2 + 1, None] & (np.arange(K) != k2)[None, :, None]
+        w = np.where(ok, -G * m[..., None] * m[:, k2:k2 + 1, None] / np.where(ok, r2 * np.sqrt(r2), 1.0), 0.0)
+        F += w[..., None] * d
+    row, col = np.nonzero(is_planet)
+    jj, ss = j[row, col], s[row, col]
+    positions = np.zeros((S, T, 2))
+    positions[row, col] = planet_pos[row, jj, ss]
+    srow, scol = np.nonzero(is_star)
+    positions[srow, scol] = star_pos[srow, s[srow, scol]]
+    rel = planet_pos[row, jj, ss] - star_pos[row, ss]
+    vel = planet_vel[row, jj, ss] - star_vel[row, ss]
+    return row, col, positions, rel, vel, p.m_planet[row, jj], p.m_star[row], F[row, jj, ss], err
+
+
+def build_sequences(spec: DatasetSpec, params: SystemParams, *, index: np.ndarray | None = None,
+                    seed: int = 0, block: int = 0, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Simulate and tokenise the systems ``params`` (S of them) into the arrays of the module docstring.
+
+    ``index`` are the systems' global indices (for the labelling scheme), ``seed``/``block``/``rows``
+    select the label random stream (rows within the block).
+    """
+    T = spec.seq_len
+    S = len(params.m_star)
+    index = np.arange(S) if index is None else np.asarray(index)
+    rows = np.arange(S) if rows is None else np.asarray(rows)
+    physics.check_eccentricity(params.e[params.planet_mask])
+    physics.check_semi_major_axis(params.a[params.planet_mask])
+    physics.check_masses(params.m_planet[params.planet_mask], "planet mass")
+    physics.check_masses(params.m_star, "star mass")
+    if spec.mode == "nbody" or np.any(params.n_planets > 1):
+        multi = params.n_planets > 1 if spec.mode == "kepler" else np.ones(S, bool)
+        physics.check_star_dominates(np.where(params.planet_mask, params.m_planet, 0.0)[multi],
+                                     params.m_star[multi, None])
+    dts = np.asarray(spec.dt_choices)[params.dt_index]
+    s, j, is_planet, is_star, _ = _layout(params.n_planets, T)
+    sim = _simulate_nbody if spec.mode == "nbody" else _simulate_kepler
+    args = (spec,) if spec.mode == "nbody" else ()
+    row, col, positions, rel, vel, mp, ms, forces, err = sim(*args, params, dts, T, s, j, is_planet, is_star)
+
+    tok = spec.tokenizer
+    valid = is_planet | is_star
+    tokens = np.full((S, T, 2), tok.pad_id, dtype=tok.dtype)
+    tokens[valid] = tok.encode(positions[valid])
+    tokens[:, 0, :] = tok.dt_id(params.dt_index)[:, None]
+    states = np.zeros((S, T, 6), dtype=np.float32)
+    states[row, col, 0:2] = rel
+    states[row, col, 2:4] = vel
+    states[row, col, 4] = mp
+    states[row, col, 5] = ms
+    F = np.zeros((S, T, 2), dtype=np.float32)
+    F[row, col] = forces
+    bodies = np.where(is_planet, j + 1, np.where(is_star, 0, -1)).astype(np.int8)
+    return {
+        "tokens": tokens,
+        "positions": positions.astype(np.float32),
+        "states": states,
+        "forces": F,
+        "labelled": _labels(spec, seed, block, rows, index, is_planet),
+        "bodies": bodies,
+        "dt": dts.astype(np.float64),
+        "n_bodies": (params.n_planets + 1).astype(np.int8),
+        "energy_error": np.asarray(err, dtype=np.float32),
+    }
+
+
+def generate_arrays(spec: DatasetSpec, seed: int, start: int = 0, count: int | None = None) -> dict[str, np.ndarray]:
+    """Arrays of systems ``[start, start + count)`` in memory (``count=None``: up to ``n_systems``).
+
+    A pure function of (spec, seed, system index): the same systems as the on-disk dataset, whatever
+    the range asked for. Indices beyond ``n_systems`` are allowed (more systems of the same distribution).
+    Changing only ``seq_len`` keeps every system's parameters (longer or shorter trajectories of the same
+    systems; the partial-labelling choice does change).
+    """
+    count = spec.n_systems - start if count is None else int(count)
+    if start < 0 or count < 0:
+        raise ValueError(f"need start >= 0 and count >= 0, got start={start}, count={count}")
+    stop = start + count
+    parts = []
+    ss = spec.shard_size
+    for k in range(start // ss, -(-stop // ss)):
+        lo, hi = max(start, k * ss), min(stop, (k + 1) * ss)
+        if hi <= lo:
+            continue
+        params = _block_params(spec, seed, k)
+        rows = np.arange(lo - k * ss, hi - k * ss)
+        parts.append(build_sequences(spec, params.take(rows), index=np.arange(lo, hi), seed=seed, block=k,
+                                     rows=rows))
+    if not parts:
+        empty = build_sequences(spec, _block_params(spec, seed, 0).take(slice(0, 0)), seed=seed)
+        return empty
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+# -------------------------------------------------------------------------------------------- on disk
+def dataset_dir(spec: DatasetSpec, seed: int) -> Path:
+    """Where the pipeline keeps a dataset: ``output_root()/data/<name>-<spec_hash[:8]>-s<seed>``."""
+    from gravprobe.common import output_root
+
+    return output_root() / "data" / f"{spec.name}-{spec.spec_hash()[:8]}-s{int(seed)}"
+
+
+def repair_command(path: Path) -> str:
+    return f"python -m gravprobe.orbits repair {path}"
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _write_shard(spec_dict: dict, seed: int, k: int, out: str) -> dict:
+    """Worker: build shard k, write it to a temporary folder, then rename it into place atomically."""
+    from gravprobe.common import sha256_file
+
+    spec = DatasetSpec.from_config(spec_dict)
+    start, stop = spec.shard_range(k)
+    arrays = generate_arrays(spec, seed, start, stop - start)
+    out = Path(out)
+    final = out / _shard_name(k)
+    tmp = out / f".tmp-{_shard_name(k)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    files = {}
+    for name in ARRAYS:
+        f = tmp / f"{name}.npy"
+        with open(f, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(arrays[name]))
+            fh.flush()
+            os.fsync(fh.fileno())
+        files[name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f), "dtype": str(arrays[name].dtype),
+                       "shape": list(arrays[name].shape)}
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {"index": k, "start": start, "count": stop - start, "files": files}
+
+
+def _check_shard(out: Path, rec: dict, verify: bool) -> str | None:
+    """None if shard ``rec`` on disk matches its manifest record, else the reason."""
+    from gravprobe.common import sha256_file
+
+    d = out / _shard_name(rec["index"])
+    for name in ARRAYS:
+        f = d / f"{name}.npy"
+        info = rec["files"].get(name)
+        if info is None:
+            return f"{name}.npy is not listed in the manifest"
+        if not f.exists():
+            return f"{f.name} is missing"
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            return f"{f.name} has {size} bytes, the manifest says {info['bytes']} (truncated or overwritten)"
+        if verify and sha256_file(f) != info["sha256"]:
+            return f"{f.name} fails its sha256 checksum (corrupted)"
+    return None
+
+
+def _read_manifest(out: Path) -> dict | None:
+    f = out / "manifest.json"
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{f} is not valid JSON ({e}); delete {out} and regenerate it") from e
+
+
+def _new_manifest(spec: DatasetSpec, seed: int) -> dict:
+    from gravprobe.common import code_version
+
+    return {"format": FORMAT, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(), "seed": int(seed),
+            "code_version": code_version(), "n_systems": spec.n_systems, "seq_len": spec.seq_len,
+            "vocab": {"n_bins": spec.n_bins, "dt_ids": [spec.n_bins + i for i in range(len(spec.dt_choices))],
+                      "pad_id": spec.tokenizer.pad_id, "coord_range": spec.coord_range},
+            "n_shards": spec.n_shards, "shards": [None] * spec.n_shards, "complete": False,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _spec_mismatch(man: dict, spec: DatasetSpec, seed: int) -> str | None:
+    if man.get("format") != FORMAT:
+        return f"format {man.get('format')!r} != {FORMAT!r}"
+    if man.get("spec_hash") != spec.spec_hash() or man.get("spec") != spec.to_dict():
+        theirs = man.get("spec", {})
+        diff = sorted(k for k in set(theirs) | set(spec.to_dict()) if theirs.get(k) != spec.to_dict().get(k))
+        return f"a different spec (differs in: {', '.join(diff) or 'hash'})"
+    if int(man.get("seed", -1)) != int(seed):
+        return f"seed {man.get('seed')} (asked for {seed})"
+    return None
+
+
+def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, workers: int = 0,
+                   verify: bool = True, progress: bool = True) -> Path:
+    """Make sure ``out`` holds the complete dataset of (spec, seed); return ``out``.
+
+    Reuses a complete dataset whose manifest matches (checking sha256 checksums when ``verify``),
+    resumes an incomplete one (verified shards are kept, the rest regenerated), and raises
+    :class:`DatasetError` if ``out`` holds a dataset of another spec or seed. ``workers``: processes
+    (0 = all cores); the bytes do not depend on it.
+    """
+    from gravprobe.common import atomic_write_json, code_version
+
+    out = Path(out).expanduser().resolve()
+    man = _read_manifest(out)
+    if man is None and out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out} exists, is not empty and holds no manifest.json; choose another folder "
+                           "(out=PATH) or delete it")
+    if man is not None:
+        why = _spec_mismatch(man, spec, seed)
+        if why:
+            raise DatasetError(f"{out} already holds a dataset with {why}; write to another folder (out=PATH) "
+                               "or delete it")
+        if man.get("code_version") != code_version():
+            log.info("dataset %s was written by %s (now %s)", out, man.get("code_version"), code_version())
+    else:
+        man = _new_manifest(spec, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".tmp-shard-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    todo = []
+    for k in range(spec.n_shards):
+        rec = man["shards"][k]
+        why = "not written" if rec is None else _check_shard(out, rec, verify)
+        if why is not None:
+            if rec is not None:
+                log.warning("dataset %s: shard %d will be regenerated: %s", out, k, why)
+            man["shards"][k] = None
+            todo.append(k)
+    if not todo and man.get("complete"):
+        log.info("dataset %s is complete (%d systems, %d shards)", out, spec.n_systems, spec.n_shards)
+        return out
+    man["complete"] = False
+    atomic_write_json(out / "manifest.json", man)
+    nproc = min(len(todo), workers if workers and workers > 0 else (os.cpu_count() or 1)) or 1
+    log.info("generating %s: %d of %d shards to write (%d systems, seq_len %d) with %d process(es) -> %s",
+             spec.name, len(todo), spec.n_shards, spec.n_systems, spec.seq_len, nproc, out)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"generate {spec.name}", unit="shard", disable=not progress)
+    spec_dict = spec.to_dict()
+    try:
+        if nproc == 1:
+            results = (_write_shard(spec_dict, seed, k, str(out)) for k in todo)
+            pool = None
+        else:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(nproc)
+            results = pool.imap_unordered(_write_shard_star, [(spec_dict, seed, k, str(out)) for k in todo])
+        for rec in results:
+            man["shards"][rec["index"]] = rec
+            atomic_write_json(out / "manifest.json", man)
+            bar.update(1)
+        if pool is not None:
+            pool.close()
+            pool.join()
+    except BaseException:
+        if "pool" in locals() and pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        bar.close()
+    man["complete"] = True
+    man["code_version"] = code_version()
+    atomic_write_json(out / "manifest.json", man)
+    return out
+
+
+def _write_shard_star(args) -> dict:
+    return _write_shard(*args)
+
+
+# --------------------------------------------------------------------------------------------- reading
+class ConcatArray:
+    """A read-only array-like concatenation of per-shard arrays along axis 0, loaded lazily.
+
+    Supports ``shape``, ``dtype``, ``ndim``, ``len``, integer / slice / index-array / boolean indexing on
+    axis 0 (plus further axes in a tuple) and ``np.asarray`` (which reads everything).
+    """
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ConcatArray(shape={self.shape}, dtype={self.dtype}, shards={len(self.parts)})"
+
+    def __array__(self, dtype=None, copy=None):
+        a = np.concatenate([np.asarray(p) for p in self.parts]) if self.parts else np.empty(self.shape)
+        return a if dtype is None else a.astype(dtype)
+
+    def _row(self, i: int) -> np.ndarray:
+        n = self.shape[0]
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} systems")
+        i %= n
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.parts[k][i - self.offsets[k]]
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            out = self._row(int(key))
+            return out[rest] if rest else out
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step == 1:
+                pieces = []
+                for k, p in enumerate(self.parts):
+                    lo, hi = max(start, self.offsets[k]), min(stop, self.offsets[k + 1])
+                    if hi > lo:
+                        pieces.append(p[lo - self.offsets[k]:hi - self.offsets[k]])
+                out = (pieces[0] if len(pieces) == 1 else np.concatenate(pieces)) if pieces else \
+                    np.empty((0,) + self.shape[1:], self.dtype)
+                return out[(slice(None),) + rest] if rest else out
+            key = np.arange(start, stop, step)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (self.shape[0],):
+                raise IndexError(f"boolean index of shape {idx.shape} does not match {self.shape[0]} systems")
+            idx = np.nonzero(idx)[0]
+        idx = np.where(idx < 0, idx + self.shape[0], idx).astype(np.int64)
+        if np.any((idx < 0) | (idx >= self.shape[0])):
+            raise IndexError("index out of range")
+        flat = idx.ravel()
+        out = np.empty((len(flat),) + self.shape[1:], self.dtype)
+        shard = np.searchsorted(self.offsets, flat, side="right") - 1
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self.parts[k][flat[sel] - self.offsets[k]]
+        out = out.reshape(idx.shape + self.shape[1:])
+        return out[(slice(None),) * idx.ndim + rest] if rest else out
+
+
+class OrbitDataset:
+    """A dataset on disk, memory-mapped: attributes named as in the module docstring, each ``[N, ...]``.
+
+    ``tokens``, ``positions``, ``states``, ``forces``, ``labelled``, ``bodies``, ``dt``, ``n_bodies``,
+    ``energy_error``; ``meta`` is the manifest (spec, seed, code version, shards); ``spec`` the
+    :class:`DatasetSpec`; ``len(ds)`` the number of systems.
+    """
+
+    def __init__(self, path: Path, meta: dict, arrays: dict[str, Any]):
+        self.path = path
+        self.meta = meta
+        self.spec = DatasetSpec.from_config(meta["spec"])
+        self.seed = int(meta["seed"])
+        self.arrays = arrays
+        for k, v in arrays.items():
+            setattr(self, k, v)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return (f"OrbitDataset({str(self.path)!r}, name={self.spec.name!r}, systems={len(self)}, "
+                f"seq_len={self.spec.seq_len}, shards={self.meta['n_shards']})")
+
+    @property
+    def tokenizer(self) -> OrbitTokenizer:
+        return self.spec.tokenizer
+
+
+def load_dataset(path: str | os.PathLike, *, verify: bool = False) -> OrbitDataset:
+    """Open a dataset written by :func:`ensure_dataset` without reading it into memory.
+
+    Every shard file is checked against the manifest (presence, size, ``.npy`` header shape and dtype;
+    sha256 too when ``verify``); a mismatch raises :class:`DatasetError` naming the shard and the command
+    that regenerates it.
+    """
+    path = Path(path).expanduser().resolve()
+    man = _read_manifest(path)
+    fix = repair_command(path)
+    if man is None:
+        raise DatasetError(f"no dataset at {path} (manifest.json missing); create one with "
+                           "`gravprobe generate data=<preset> out=PATH`")
+    if man.get("format") != FORMAT:
+        raise DatasetError(f"{path}: unknown dataset format {man.get('format')!r} (expected {FORMAT})")
+    try:
+        spec = DatasetSpec.from_config(man["spec"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise DatasetError(f"{path}/manifest.json holds an invalid spec ({e}); regenerate the dataset") from e
+    if spec.spec_hash() != man.get("spec_hash"):
+        raise DatasetError(f"{path}/manifest.json: spec and spec_hash do not match (edited manifest?); "
+                           f"regenerate with: {fix}")
+    if not man.get("complete") or any(r is None for r in man["shards"]) or len(man["shards"]) != spec.n_shards:
+        missing = [k for k, r in enumerate(man["shards"]) if r is None]
+        raise DatasetError(f"{path} is incomplete (shards not written: {missing[:10]}); finish it with: {fix}")
+    parts: dict[str, list] = {name: [] for name in ARRAYS}
+    for k, rec in enumerate(man["shards"]):
+        start, stop = spec.shard_range(k)
+        if rec["index"] != k or rec["start"] != start or rec["count"] != stop - start:
+            raise DatasetError(f"{path}: manifest entry of shard {k} does not match the spec; "
+                               f"regenerate with: {fix}")
+        why = _check_shard(path, rec, verify)
+        if why:
+            raise DatasetError(f"{path}: shard {k} ({_shard_name(k)}/): {why}; regenerate it with: {fix}")
+        for name in ARRAYS:
+            f = path / _shard_name(k) / f"{name}.npy"
+            try:
+                a = np.load(f, mmap_mode="r")
+            except ValueError as e:
+                raise DatasetError(f"{path}: shard {k}: {f.name} is unreadable ({e}); regenerate it with: "
+                                   f"{fix}") from e
+            info = rec["files"][name]
+            if list(a.shape) != info["shape"] or str(a.dtype) != info["dtype"] or len(a) != stop - start:
+                raise DatasetError(f"{path}: shard {k}: {f.name} has shape {a.shape} {a.dtype}, the manifest "
+                                   f"says {info['shape']} {info['dtype']}; regenerate it with: {fix}")
+            parts[name].append(a)
+    arrays = {name: (p[0] if len(p) == 1 else ConcatArray(p)) for name, p in parts.items()}
+    return OrbitDataset(path, man, arrays)
+
+
+def repair_dataset(path: str | os.PathLike, *, workers: int = 0, progress: bool = True) -> Path:
+    """Finish or repair the dataset at ``path`` from its own manifest (spec and seed): verified shards are
+    kept, missing / truncated / corrupted ones regenerated."""
+    path = Path(path).expanduser().resolve()
+    man = _read_manifest(path)
+    if man is None:
+        raise DatasetError(f"no manifest.json in {path}: nothing to repair")
+    spec = DatasetSpec.from_config(man["spec"])
+    return ensure_dataset(spec, path, seed=int(man["seed"]), workers=workers, verify=True, progress=progress)
