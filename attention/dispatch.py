@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from typing import Any, Iterator
 
 import torch
@@ -57,7 +56,6 @@ class BackendUnavailableError(RuntimeError):
     """``backend="triton"`` was requested but the kernels cannot run this call."""
 
 
-_lock = threading.Lock()
 _kernels_module: Any = None
 _kernels_error: str | None = None
 _kernels_loaded = False
@@ -74,29 +72,27 @@ def _check_backend(name: str, where: str) -> str:
 
 def _load_kernels() -> tuple[Any, str | None]:
     """Import ``gravprobe.kernels`` once; return ``(module or None, reason it is unusable or None)``."""
+    # No lock: Python's import lock already serialises the import, and a race only repeats this work.
     global _kernels_module, _kernels_error, _kernels_loaded
-    with _lock:
-        if not _kernels_loaded:
-            try:
-                import gravprobe.kernels as kernels  # noqa: PLC0415 - lazy on purpose (DESIGN.md)
+    if not _kernels_loaded:
+        try:
+            import gravprobe.kernels as kernels  # noqa: PLC0415 - lazy on purpose (DESIGN.md)
 
-                missing = [n for n in ("fused_attention", "SUPPORTED_VARIANTS") if not hasattr(kernels, n)]
-                if missing:
-                    raise ImportError(f"gravprobe.kernels does not define {', '.join(missing)}")
-                _kernels_module = kernels
-            except Exception as exc:  # noqa: BLE001 - any failure means "not usable", with the reason
-                _kernels_module, _kernels_error = None, f"{type(exc).__name__}: {exc}"
-                logger.debug("Triton attention kernels unavailable: %s", _kernels_error)
-            _kernels_loaded = True
-        return _kernels_module, _kernels_error
+            missing = [n for n in ("fused_attention", "SUPPORTED_VARIANTS") if not hasattr(kernels, n)]
+            if missing:
+                raise ImportError(f"gravprobe.kernels does not define {', '.join(missing)}")
+            _kernels_module, _kernels_error = kernels, None
+        except Exception as exc:  # noqa: BLE001 - any failure means "not usable", with the reason
+            _kernels_module, _kernels_error = None, f"{type(exc).__name__}: {exc}"
+        _kernels_loaded = True
+    return _kernels_module, _kernels_error
 
 
 def _reset() -> None:
     """Forget the cached kernel import and the logged decisions (for tests)."""
     global _kernels_module, _kernels_error, _kernels_loaded, _active
-    with _lock:
-        _kernels_module, _kernels_error, _kernels_loaded, _active = None, None, False, None
-        _logged.clear()
+    _kernels_module, _kernels_error, _kernels_loaded, _active = None, None, False, None
+    _logged.clear()
 
 
 def triton_available() -> bool:
@@ -161,15 +157,12 @@ def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backen
         chosen = "torch"
     else:
         chosen = "torch"
-        if q.is_cuda:
-            ok, reason = kernel_support(q, variant, causal)
-            if ok:
-                chosen = "triton"
-            else:
-                logger.debug("attention %r on %s uses torch: %s", variant, q.device, reason)
+        if q.is_cuda and kernel_support(q, variant, causal)[0]:
+            chosen = "triton"
     _active = chosen
     key = (chosen, str(q.device))
-    if key not in _logged:
+    # Logging inside a torch.compile trace would break the graph; the eager first call logs instead.
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         logger.info("attention backend: %s on device %s (first call: variant %s, dtype %s)",
                     chosen, q.device, variant, str(q.dtype).removeprefix("torch."))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dispatch import BACKENDS, attend
+from .dispatch import BACKENDS, attend, select_backend
 from .reference import VARIANTS, resolve_params
 
 __all__ = ["CausalSelfAttention", "RotaryEmbedding", "apply_rotary"]
@@ -139,6 +139,14 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"attention.params must be a mapping, got {params!r}")
         return cls(d_model, n_heads, node["name"], params=dict(params), rope=rope,
                    backend=node.get("backend") or "auto", **kwargs)
+
+    def resolve_backend(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+        """The backend (``"torch"``/``"triton"``) this layer's attention will run on for inputs on
+        ``device`` in ``dtype``; logs it on first use. Call once at start-up (e.g. before
+        ``torch.compile``, inside which nothing is logged). Raises ``BackendUnavailableError`` when the
+        layer forces ``triton`` and the kernels cannot run."""
+        probe = torch.empty(1, 1, self.n_heads, self.head_dim, dtype=dtype, device=device)
+        return select_backend(probe, self.variant, causal=True, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, T, C]`` -> ``[B, T, C]``; position ``t`` attends to positions ``<= t``."""

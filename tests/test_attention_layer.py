@@ -279,3 +279,21 @@ def test_triton_backend_matches_reference(variant):
     ref_grads = torch.autograd.grad(ref, (q, k, v), g_out)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_resolve_backend_reports_and_forced_triton_fails_early(no_kernels, caplog):
+    with caplog.at_level(logging.INFO, logger="gravprobe.attention.dispatch"):
+        assert CausalSelfAttention(16, 2, "lssar").resolve_backend("cpu") == "torch"
+    assert any("attention backend: torch on device cpu" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BackendUnavailableError):
+        CausalSelfAttention(16, 2, "lssar", backend="triton").resolve_backend("cpu")
+
+
+@pytest.mark.parametrize("variant", ["lssar", "ssmax"])
+def test_layer_compiles_without_graph_breaks(variant):
+    dispatch._reset()                                    # the first call happens inside the trace
+    torch.manual_seed(6)
+    layer = CausalSelfAttention(16, 2, variant)
+    x = _x(T=7, C=16)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
