@@ -1,1 +1,364 @@
-"""`gravprobe run`: generate -> pretrain (per attention variant) -> probe -> report. (issue 6)"""
+"""`gravprobe run`: the whole experiment in one command — generate → pretrain → probe → report.
+
+``main(cfg, run_dir)`` (the ``run`` stage):
+
+1. **validate** the config before any work (``validate``): unknown attention variants, impossible sizes,
+   a force dataset too small for the probes' selection — every problem at once, with the valid choices;
+2. **generate** the pretraining dataset ``cfg.data`` and the probing dataset ``cfg.force_data`` with
+   ``gravprobe.orbits.ensure_dataset`` under ``${home}/data/<name>-<spec hash>-s<seed>`` (a dataset that
+   exists and verifies is reused, an interrupted one is resumed);
+3. for each attention variant (``variants_of``), in ``run_dir/<variant>/``: **pretrain**
+   (``gravprobe.pretrain.train.main``; resumes from ``checkpoints/last.pt``) and **probe**
+   (``gravprobe.probes.pipeline.main``; the oracle, which does not depend on the model, only for the
+   first variant). A variant whose results are already complete is reused, not redone;
+4. **report**: ``report.md`` + figures (``gravprobe.report.report_dir``).
+
+Which variants: ``pipeline.variants`` (a list; ``null`` = ``[attention.name]``; ``all`` = every variant).
+An ``attention=X`` given on the command line selects X alone even when an experiment preset lists
+several, so ``gravprobe run -m experiment=smoke attention=softmax,lssa,lssar`` trains one variant per
+job; ``pipeline.variants=[...]`` on the command line always wins. The variant that is ``attention.name``
+keeps ``cfg.attention`` with all its overrides; the others get their packaged ``conf/attention/<name>.yaml``.
+
+Resuming: a killed run continues where it stopped when started again in the same folder —
+``gravprobe run <same overrides> hydra.run.dir=<run folder>`` (the log prints this command at start).
+Datasets are shared between runs anyway. A run folder that holds a run of a different config is refused.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gravprobe.common import atomic_write_bytes, update_results
+
+log = logging.getLogger(__name__)
+
+#: the stage functions the pipeline calls, ``(module, function)``, each ``fn(cfg, run_dir) -> dict``
+STAGE_FUNCTIONS = {
+    "pretrain": ("gravprobe.pretrain.train", "main"),
+    "probe": ("gravprobe.probes.pipeline", "main"),
+}
+#: config keys that may differ when a run folder is resumed (they do not change any result)
+RESUME_IGNORED_KEYS = ("stage", "workers", "device", "home", "out", "pipeline.report", "report")
+
+
+class PipelineConfigError(ValueError):
+    """A config the pipeline cannot run; the message lists every problem and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------ variants
+def attention_choices() -> list[str]:
+    """Attention variants the pipeline can train: packaged ``conf/attention/*.yaml`` (∩ ``VARIANTS``)."""
+    from importlib.resources import files
+
+    names = sorted(p.name[:-5] for p in (files("gravprobe.conf") / "attention").iterdir()
+                   if p.name.endswith(".yaml"))
+    try:
+        from gravprobe.attention import VARIANTS
+
+        names = [n for n in names if n in VARIANTS]
+    except ImportError:  # attention not importable: the config files are the list
+        pass
+    return names
+
+
+def _cli_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job (``[]`` outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return [str(o) for o in HydraConfig.get().overrides.task]
+    except Exception:  # noqa: BLE001 - no Hydra context: no command line
+        pass
+    return []
+
+
+def _overridden(key: str, overrides: list[str]) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
+
+
+def variants_of(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
+    """The attention variants this run trains, in order (see the module docstring for the rule)."""
+    overrides = _cli_overrides() if overrides is None else overrides
+    name = str(cfg.attention.name)
+    listed = OmegaConf.select(cfg, "pipeline.variants", default=None)
+    if _overridden("attention", overrides) and not _overridden("pipeline.variants", overrides):
+        if listed is not None and list(_as_list(listed)) != [name]:
+            log.info("attention=%s on the command line: training %s only (the preset's pipeline.variants=%s "
+                     "is ignored; pass pipeline.variants=[...] to train several)", name, name,
+                     list(_as_list(listed)))
+        return [name]
+    if listed is None:
+        return [name]
+    if isinstance(listed, str) and listed == "all":
+        return attention_choices()
+    return [str(v) for v in _as_list(listed)]
+
+
+def _as_list(x: Any) -> list:
+    if isinstance(x, str):
+        return [s.strip() for s in x.split(",") if s.strip()]
+    return list(x)
+
+
+def variant_config(cfg: DictConfig, name: str) -> DictConfig:
+    """A copy of ``cfg`` whose ``attention`` node is variant ``name``.
+
+    ``cfg.attention`` itself when it already is ``name`` (keeping its overrides), otherwise the packaged
+    ``conf/attention/<name>.yaml`` (``hydra.compose`` cannot run inside a running Hydra app).
+    """
+    from importlib.resources import files
+
+    out = copy.deepcopy(cfg)
+    if str(cfg.attention.name) == name:
+        return out
+    path = files("gravprobe.conf") / "attention" / f"{name}.yaml"
+    if not path.is_file():
+        raise PipelineConfigError(f"unknown attention variant {name!r}; choose from: "
+                                  f"{', '.join(attention_choices())}")
+    node = OmegaConf.create(path.read_text())
+    with open_dict(out):
+        out.attention = node
+    return out
+
+
+# ---------------------------------------------------------------------------------------- validation
+def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
+    return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
+
+
+def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
+    """Check everything the pipeline can check before any work; return the variants.
+
+    Raises ``PipelineConfigError`` naming every problem (and the valid choices) at once.
+    """
+    problems: list[str] = []
+    choices = attention_choices()
+    variants = variants_of(cfg, overrides)
+    if not variants:
+        problems.append(f"pipeline.variants is empty; choose from: {', '.join(choices)}")
+    for v in variants:
+        if v not in choices:
+            problems.append(f"unknown attention variant {v!r} (pipeline.variants / attention=); "
+                            f"choose from: {', '.join(choices)}")
+    if len(set(variants)) != len(variants):
+        problems.append(f"pipeline.variants names a variant twice: {variants}")
+    if _get(cfg, "checkpoint"):
+        problems.append("checkpoint= is for `gravprobe probe`; `gravprobe run` trains its own checkpoints "
+                        "(drop the override)")
+
+    def positive_int(key: str, minimum: int = 1, why: str = "") -> None:
+        val = _get(cfg, key)
+        if val is None:
+            return
+        if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
+            problems.append(f"{key}={val!r} must be an integer >= {minimum}{why}")
+
+    for ds in ("data", "force_data"):
+        positive_int(f"{ds}.seq_len", 2, " (a sequence needs a dt marker and at least one position)")
+        positive_int(f"{ds}.n_systems", 2 if ds == "data" else 1)
+        positive_int(f"{ds}.n_bins", 2)
+        positive_int(f"{ds}.shard_size", 1)
+    for key in ("model.n_layers", "model.n_heads", "model.d_model", "model.block_size", "train.steps",
+                "train.batch_size", "train.grad_accum"):
+        positive_int(key)
+    n_heads, d_model = _get(cfg, "model.n_heads"), _get(cfg, "model.d_model")
+    if isinstance(n_heads, int) and isinstance(d_model, int) and n_heads > 0 and d_model % n_heads:
+        problems.append(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
+    seq_len = _get(cfg, "train.seq_len")
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
+        problems.append(f"train.seq_len={seq_len!r} must be >= 2 (or null for the data's length)")
+    # the datasets' own checks (typed errors of the orbit spec), without generating anything
+    specs = {}
+    try:
+        from gravprobe.orbits import DatasetSpec
+    except ImportError:
+        DatasetSpec = None  # orbits not installed: the checks above are all we can do
+    if DatasetSpec is not None:
+        for ds in ("data", "force_data"):
+            try:
+                specs[ds] = DatasetSpec.from_config(cfg[ds])
+            except (ValueError, TypeError, KeyError) as e:
+                problems.append(f"{ds}: {e}")
+    problems += _probe_size_problems(cfg)
+    if problems:
+        raise PipelineConfigError("the config cannot run:\n  - " + "\n  - ".join(problems))
+    return variants
+
+
+def _probe_size_problems(cfg: DictConfig) -> list[str]:
+    """The probes' selection needs enough held-out planet steps in ``force_data`` (METHOD §4.3)."""
+    out = []
+    size = _get(cfg, "probe.selection.galaxy_size")
+    n_keep = _get(cfg, "probe.selection.n_keep")
+    if isinstance(size, int) and isinstance(n_keep, int) and size > n_keep:
+        out.append(f"probe.selection.galaxy_size={size} exceeds probe.selection.n_keep={n_keep} "
+                   "(a galaxy is drawn from the n_keep nearest held-out states)")
+    n_sys, seq_len = _get(cfg, "force_data.n_systems"), _get(cfg, "force_data.seq_len")
+    n_partial = _get(cfg, "force_data.n_partial")
+    per_partial = _get(cfg, "force_data.labels_per_partial", 2)
+    if all(isinstance(x, int) for x in (n_sys, seq_len, n_partial, size)):
+        if n_partial < 1 or n_partial > n_sys:
+            out.append(f"force_data.n_partial={n_partial} must be in 1..force_data.n_systems={n_sys} "
+                       "(the held-out sequences of METHOD §1.2)")
+        else:
+            # two-body: (seq_len - 1) / 2 planet steps per sequence, `per_partial` of them labelled
+            held = n_partial * max(0, (seq_len - 1) // 2 - int(per_partial or 0))
+            if held < size:
+                out.append(f"force_data gives about {held} held-out planet steps (n_partial={n_partial} × "
+                           f"({seq_len}-1)/2 steps − {per_partial} labels), fewer than one galaxy of "
+                           f"probe.selection.galaxy_size={size}; raise force_data.n_partial/seq_len or lower "
+                           "the galaxy size")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- running
+def _stage(name: str) -> Callable[[DictConfig, Path], dict]:
+    mod, fn = STAGE_FUNCTIONS[name]
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _comparable(config: dict) -> dict[str, Any]:
+    flat = _flat({k: v for k, v in config.items() if k != "hydra"})
+    return {k: v for k, v in flat.items()
+            if not any(k == i or k.startswith(i + ".") for i in RESUME_IGNORED_KEYS)}
+
+
+def _check_same_run(resolved: dict, run_dir: Path) -> bool:
+    """True when ``run_dir`` already holds this run (resume); raise if it holds a different one."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text()).get("config")
+    except json.JSONDecodeError:
+        return False  # unreadable: the stages' own checks decide what to redo
+    if not old:
+        return False
+    a, b = _comparable(old), _comparable(resolved)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
+        raise PipelineConfigError(
+            f"{run_dir} holds a run with a different config ({shown}{', …' if len(diff) > 8 else ''}); "
+            "resume it with the same overrides, or start a new run folder (drop hydra.run.dir=)")
+    return True
+
+
+def _complete(vdir: Path, section: str) -> bool:
+    res_path = vdir / "results.json"
+    if not res_path.exists():
+        return False
+    try:
+        res = json.loads(res_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    if not res.get(section):
+        return False
+    if section == "pretrain":
+        return (vdir / "checkpoints" / "last.pt").exists()
+    if section == "probes":
+        return bool(res["probes"].get("galaxies"))
+    return True
+
+
+@contextmanager
+def _timed(timings: dict, key: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = round(time.perf_counter() - t0, 2)
+
+
+def _resume_command(run_dir: Path) -> str:
+    ov = [o for o in _cli_overrides() if not o.startswith(("stage=", "hydra.run.dir="))]
+    return " ".join(["gravprobe run", *ov, f"hydra.run.dir={run_dir}"])
+
+
+def ensure_datasets(cfg: DictConfig) -> dict[str, str]:
+    """Generate (or reuse / resume) ``cfg.data`` and ``cfg.force_data``; return their folders."""
+    from gravprobe.orbits import DatasetSpec, dataset_dir, ensure_dataset
+
+    out = {}
+    for key in ("data", "force_data"):
+        spec = DatasetSpec.from_config(cfg[key])
+        path = dataset_dir(spec, int(cfg.seed))
+        log.info("dataset %s (%s): %s", key, spec.name, path)
+        out[key] = str(ensure_dataset(spec, path, seed=int(cfg.seed), workers=int(cfg.workers)))
+    return out
+
+
+def main(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run (or resume) the whole pipeline in ``run_dir``; return ``results.json['pipeline']``."""
+    run_dir = Path(run_dir)
+    variants = validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resumed = _check_same_run(resolved, run_dir)
+    log.info("%s run in %s: variants %s", "resuming" if resumed else "starting", run_dir, ", ".join(variants))
+    log.info("if interrupted, resume with: %s", _resume_command(run_dir))
+    update_results(run_dir, "config", resolved)
+    state: dict[str, Any] = {"variants": variants, "datasets": {}, "oracle_variant": variants[0],
+                             "stages": {}, "timings_s": {}, "complete": False}
+
+    def save() -> None:
+        update_results(run_dir, "pipeline", state)
+
+    try:
+        with _timed(state["timings_s"], "generate"):
+            state["datasets"] = ensure_datasets(cfg)
+        state["stages"]["generate"] = "done"
+        save()
+        for i, name in enumerate(variants):
+            vdir = run_dir / name
+            vdir.mkdir(parents=True, exist_ok=True)
+            vcfg = variant_config(cfg, name)
+            with open_dict(vcfg):
+                vcfg.checkpoint = str(vdir / "checkpoints" / "last.pt")
+                if OmegaConf.select(vcfg, "probe.oracle", default=None) is not None:
+                    vcfg.probe.oracle = bool(vcfg.probe.oracle) and i == 0  # the oracle once, not per variant
+            atomic_write_bytes(vdir / "config.yaml", OmegaConf.to_yaml(vcfg, resolve=True).encode())
+            for stage, section in (("pretrain", "pretrain"), ("probe", "probes")):
+                key = f"{name}/{stage}"
+                if _complete(vdir, section):
+                    log.info("%s: complete in %s, reused", key, vdir)
+                    state["stages"][key] = "reused"
+                    continue
+                log.info("%s ...", key)
+                with _timed(state["timings_s"], key):
+                    _stage(stage)(vcfg, vdir)
+                if not _complete(vdir, section):
+                    raise RuntimeError(f"{key} returned without writing '{section}' into {vdir}/results.json")
+                state["stages"][key] = "done"
+                save()
+        state["complete"] = True
+        save()
+    except KeyboardInterrupt:
+        log.warning("interrupted; resume with: %s", _resume_command(run_dir))
+        save()
+        raise
+    if bool(OmegaConf.select(cfg, "pipeline.report", default=True)):
+        from gravprobe.report import report_dir
+
+        out = report_dir(run_dir)
+        state["stages"]["report"] = "done"
+        save()
+        log.info("report: %s", out)
+    return state

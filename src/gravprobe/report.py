@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 LENGTH_KEYS_ORDER = ("1", "2", "4", "8", "16", "32", "64")
 MODALITIES = ("orbits", "text")
-STAGE_SECTIONS = {"pretrain": ("pretrain",), "probe": ("probes",), "run": ("pretrain", "probes")}
+STAGE_SECTIONS = {"pretrain": ("pretrain",), "probe": ("probes",), "run": ("pretrain", "probes"),
+                  "variant": ("pretrain", "probes")}
 
 
 class ReportError(ValueError):
@@ -209,6 +210,9 @@ def load_run(path: str | Path) -> RunResult:
     run = RunResult(dir=path, stage=stage, config=config, variants={})
     if results is None:
         run.missing.append("results.json missing (no stage finished in this folder)")
+    if stage == "run" and "pipeline" not in (results or {}) and (
+            (results or {}).get("pretrain") or (results or {}).get("probes") or _is_variant_dir(path)):
+        stage = run.stage = "variant"  # one variant's folder inside a `gravprobe run` folder
     if stage == "run":
         run.pipeline = (results or {}).get("pipeline")
         names = list((run.pipeline or {}).get("variants") or _configured_variants(config))
@@ -218,16 +222,24 @@ def load_run(path: str | Path) -> RunResult:
             run.variants[name] = _variant_of(path / name, name, ("pretrain", "probes"), need_checkpoint=True)
         if names and not run.oracle:
             run.missing.append("oracle missing (no variant's probes hold 'oracle')")
-    elif stage in ("pretrain", "probe"):
+    elif stage in ("pretrain", "probe", "variant"):
         res = results or {}
         name = ((res.get("pretrain") or {}).get("attention") or (res.get("probes") or {}).get("attention")
                 or (config.get("attention") or {}).get("name") or "model")
-        run.variants[name] = _variant_of(path, name, STAGE_SECTIONS[stage], need_checkpoint=stage == "pretrain")
+        run.variants[name] = _variant_of(path, name, STAGE_SECTIONS[stage], need_checkpoint=stage != "probe")
         if results is None:  # already said at run level
             run.variants[name].missing = [m for m in run.variants[name].missing if "results.json" not in m]
     else:
         run.missing.append(f"unknown stage {stage!r} (config.yaml has no 'stage')")
     return run
+
+
+def _is_variant_dir(path: Path) -> bool:
+    try:
+        parent = json.loads((path.parent / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return path.name in ((parent.get("pipeline") or {}).get("variants") or [])
 
 
 def _configured_variants(config: dict) -> list[str]:
@@ -769,7 +781,7 @@ class SweepReportCallback(_HydraCallback):  # type: ignore[misc,valid-type]
     """
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if config.get("stage") not in STAGE_SECTIONS:
+        if config.get("stage") not in ("run", "pretrain", "probe"):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():

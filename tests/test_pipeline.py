@@ -1,0 +1,189 @@
+"""`gravprobe run` orchestration: variants, validation before work, reuse, resume, refusal of a foreign run.
+
+The stages are replaced by fakes that write the documented results.json sections, so these tests check
+the pipeline's own logic in a second; tests/test_pipeline_e2e.py runs the real stages.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf, open_dict
+
+from gravprobe import pipeline, report
+from gravprobe.common import update_results
+from test_report_fixtures import variant_results
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_module(version_base="1.3", config_module="gravprobe.conf"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAVPROBE_HOME", str(tmp_path / "home"))
+
+
+class FakeStages:
+    """Stand-ins for pretrain / probe that record their calls and write realistic sections."""
+
+    def __init__(self, monkeypatch, interrupt: str | None = None):
+        self.calls: list[str] = []
+        self.interrupt = interrupt
+        self.oracle_flags: dict[str, bool] = {}
+        monkeypatch.setattr(pipeline, "_stage", self.get)
+        monkeypatch.setattr(pipeline, "ensure_datasets", self.datasets)
+
+    def datasets(self, cfg):
+        self.calls.append("generate")
+        return {"data": "/tmp/d1", "force_data": "/tmp/d2"}
+
+    def get(self, stage):
+        return self.pretrain if stage == "pretrain" else self.probe
+
+    def pretrain(self, cfg, run_dir):
+        key = f"{cfg.attention.name}/pretrain"
+        self.calls.append(key)
+        if key == self.interrupt:
+            raise KeyboardInterrupt
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "last.pt").write_bytes(b"ckpt")
+        update_results(run_dir, "pretrain", variant_results(cfg.attention.name, cfg.seed, n_newton=0,
+                                                            with_oracle=False)["pretrain"])
+        return {}
+
+    def probe(self, cfg, run_dir):
+        name = cfg.attention.name
+        self.calls.append(f"{name}/probe")
+        assert cfg.checkpoint == str(run_dir / "checkpoints" / "last.pt")
+        oracle = bool(OmegaConf.select(cfg, "probe.oracle", default=True))
+        self.oracle_flags[name] = oracle
+        update_results(run_dir, "probes", variant_results(name, cfg.seed, n_newton=5 if name == "lssar" else 0,
+                                                          with_oracle=oracle)["probes"])
+        return {}
+
+
+def test_smoke_variants_and_attention_override_rule():
+    cfg = make_cfg("experiment=smoke")
+    assert pipeline.variants_of(cfg, overrides=["experiment=smoke"]) == ["softmax", "lssa", "lssar"]
+    # attention= on the command line (as in `-m attention=softmax,lssa,lssar`) trains that variant alone
+    cfg = make_cfg("experiment=smoke", "attention=lssa")
+    assert pipeline.variants_of(cfg, overrides=["experiment=smoke", "attention=lssa"]) == ["lssa"]
+    # ... unless pipeline.variants is given explicitly too
+    cfg = make_cfg("attention=lssa", "pipeline.variants=[lssa,softmax]")
+    assert pipeline.variants_of(cfg, overrides=["attention=lssa", "pipeline.variants=[lssa,softmax]"]) == [
+        "lssa", "softmax"]
+    # default: just attention.name; `all`: every packaged variant
+    assert pipeline.variants_of(make_cfg(), overrides=[]) == ["lssar"]
+    assert pipeline.variants_of(make_cfg("pipeline.variants=all"), overrides=[]) == pipeline.attention_choices()
+    assert {"softmax", "lssa", "lssar"} <= set(pipeline.attention_choices())
+
+
+def test_variant_config_uses_packaged_node_and_keeps_overrides():
+    cfg = make_cfg("attention=lssar", "attention.params.sharpen_power=3")
+    same = pipeline.variant_config(cfg, "lssar")
+    assert same.attention.params.sharpen_power == 3  # the command line's override survives
+    soft = pipeline.variant_config(cfg, "softmax")
+    assert soft.attention.name == "softmax" and "sharpen_power" not in (soft.attention.get("params") or {})
+    assert cfg.attention.name == "lssar"  # the original is untouched
+    assert soft.model == cfg.model and soft.seed == cfg.seed
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pipeline.variants=[softmax,flash]"], "unknown attention variant 'flash'"),
+    (["pipeline.variants=[]"], "pipeline.variants is empty"),
+    (["pipeline.variants=[lssa,lssa]"], "names a variant twice"),
+    (["model.d_model=30", "model.n_heads=4"], "not divisible"),
+    (["train.steps=0"], "train.steps=0 must be an integer >= 1"),
+    (["++data.seq_len=1"], "data.seq_len=1 must be an integer >= 2"),
+    (["checkpoint=/x.pt"], "checkpoint= is for `gravprobe probe`"),
+])
+def test_bad_overrides_fail_before_any_work(monkeypatch, tmp_path, overrides, message):
+    fake = FakeStages(monkeypatch)
+    cfg = make_cfg(*overrides)
+    with pytest.raises(pipeline.PipelineConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
+        pipeline.main(cfg, tmp_path / "run")
+    assert fake.calls == []  # nothing generated or trained
+    if "unknown" in message or "empty" in message:
+        assert "choose from: " in str(e.value) and "lssar" in str(e.value)
+
+
+def test_full_run_then_reuse_then_partial_redo(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch)
+    cfg = make_cfg("experiment=smoke")
+    run_dir = tmp_path / "run"
+    state = pipeline.main(cfg, run_dir)
+    assert fake.calls == ["generate", "softmax/pretrain", "softmax/probe", "lssa/pretrain", "lssa/probe",
+                          "lssar/pretrain", "lssar/probe"]
+    assert state["complete"] and state["variants"] == ["softmax", "lssa", "lssar"]
+    res = json.loads((run_dir / "results.json").read_text())
+    assert set(res) >= {"config", "pipeline"} and res["pipeline"]["complete"]
+    assert set(res["pipeline"]["timings_s"]) >= {"generate", "softmax/pretrain", "lssar/probe"}
+    for v in ("softmax", "lssa", "lssar"):
+        assert (run_dir / v / "config.yaml").exists()
+        assert OmegaConf.load(run_dir / v / "config.yaml").attention.name == v
+    run = report.load(run_dir)
+    assert run.complete, run.problems
+    assert "Status: **complete**" in (run_dir / "report.md").read_text()
+
+    # again in the same folder: everything is reused
+    fake.calls.clear()
+    pipeline.main(cfg, run_dir)
+    assert fake.calls == ["generate"]
+    assert json.loads((run_dir / "results.json").read_text())["pipeline"]["stages"]["lssa/pretrain"] == "reused"
+
+    # a lost probes section is redone, and only that
+    res = json.loads((run_dir / "lssa" / "results.json").read_text())
+    res.pop("probes")
+    (run_dir / "lssa" / "results.json").write_text(json.dumps(res))
+    fake.calls.clear()
+    pipeline.main(cfg, run_dir)
+    assert fake.calls == ["generate", "lssa/probe"]
+
+
+def test_oracle_runs_once(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch)
+    cfg = make_cfg("experiment=smoke", "pipeline.report=false")
+    if OmegaConf.select(cfg, "probe.oracle", default=None) is None:
+        with open_dict(cfg):
+            cfg.probe.oracle = True
+    pipeline.main(cfg, tmp_path / "run")
+    assert fake.oracle_flags == {"softmax": True, "lssa": False, "lssar": False}
+    assert report.load(tmp_path / "run").oracle  # the report finds it in the first variant
+
+
+def test_interrupted_run_resumes(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch, interrupt="lssa/pretrain")
+    cfg = make_cfg("experiment=smoke", "pipeline.report=false")
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.main(cfg, run_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["pipeline"]["complete"] is False
+    assert res["pipeline"]["stages"]["softmax/probe"] == "done"
+    run = report.load(run_dir)
+    assert not run.complete and any(p.startswith("lssa: pretrain missing") for p in run.problems)
+    fake.interrupt = None
+    fake.calls.clear()
+    pipeline.main(cfg, run_dir)
+    assert fake.calls == ["generate", "lssa/pretrain", "lssa/probe", "lssar/pretrain", "lssar/probe"]
+    assert report.load(run_dir).complete
+
+
+def test_refuses_a_folder_of_another_run(monkeypatch, tmp_path):
+    FakeStages(monkeypatch)
+    run_dir = tmp_path / "run"
+    pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false"), run_dir)
+    with pytest.raises(pipeline.PipelineConfigError, match=r"different config \(seed: 0 -> 1"):
+        pipeline.main(make_cfg("experiment=smoke", "seed=1"), run_dir)
+    # what does not change results may differ (workers, device)
+    pipeline.main(make_cfg("experiment=smoke", "workers=1", "device=cpu", "pipeline.report=false"), run_dir)
+
+
+def test_a_stage_that_writes_nothing_is_an_error(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch)
+    monkeypatch.setattr(fake, "probe", lambda cfg, run_dir: {})
+    with pytest.raises(RuntimeError, match="lssar/probe returned without writing 'probes'"):
+        pipeline.main(make_cfg(), tmp_path / "run")
