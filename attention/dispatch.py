@@ -15,8 +15,8 @@ Overrides for ``auto`` (an explicit ``"torch"``/``"triton"`` argument always win
     1. the :func:`backend_override` context manager (``with backend_override("torch"): ...``);
     2. the environment variable ``GRAVPROBE_ATTENTION_BACKEND`` (``auto``, ``torch`` or ``triton``).
 
-``gravprobe.kernels`` is imported lazily, once, on first need; :func:`triton_available` reports whether
-it imported and why not. :func:`active_backend` says which backend the most recent call used; the
+``gravprobe.kernels`` is imported lazily, once, on first need; :func:`triton_available` says whether
+the kernels can run here at all, :func:`kernel_support` whether they can run a given call and why not. :func:`active_backend` says which backend the most recent call used; the
 first use of each (backend, device) pair is logged at INFO level.
 """
 from __future__ import annotations
@@ -96,8 +96,12 @@ def _reset() -> None:
 
 
 def triton_available() -> bool:
-    """Whether ``gravprobe.kernels`` imports and exposes ``fused_attention`` (device not considered)."""
-    return _load_kernels()[0] is not None
+    """Whether ``gravprobe.kernels`` imports and can run here (CUDA, or ``TRITON_INTERPRET=1``)."""
+    kernels, _ = _load_kernels()
+    if kernels is None:
+        return False
+    is_available = getattr(kernels, "is_available", None)
+    return bool(is_available()) if callable(is_available) else True
 
 
 def kernel_support(q: torch.Tensor, variant: str, causal: bool) -> tuple[bool, str]:

@@ -198,6 +198,7 @@ def _small():
 
 
 def test_forced_triton_without_kernels_raises_a_clear_error(no_kernels, monkeypatch):
+    assert not A.triton_available()
     q, k, v = _small()
     with pytest.raises(BackendUnavailableError, match="no triton here.*backend='torch'"):
         attend(q, k, v, "lssa", backend="triton")
@@ -220,6 +221,7 @@ def test_auto_falls_back_to_torch_and_logs_once(no_kernels, caplog):
 
 
 def test_forced_triton_passes_resolved_params(fake_kernels):
+    assert A.triton_available()
     q, k, v = _small()
     out = attend(q, k, v, "lssar", backend="triton", sharpen_power=3)
     assert A.active_backend() == "triton"
