@@ -39,7 +39,8 @@ def test_complete_run_report(tmp_path):
     assert "resolved config" in md and "seed: 3" in md
     assert _png_ok(run_dir / "figures" / "loss_vs_length.png")
     assert _png_ok(run_dir / "figures" / "probe_r2.png")
-    assert "](figures/loss_vs_length.png)" in md
+    assert _png_ok(run_dir / "figures" / "force_pred_vs_true.png")
+    assert "](figures/loss_vs_length.png)" in md and "](figures/force_pred_vs_true.png)" in md
 
 
 def test_report_is_rebuilt_from_files_alone(tmp_path):

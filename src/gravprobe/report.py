@@ -437,20 +437,37 @@ def force_predictions(variant_dir: str | Path) -> dict[str, list[float]] | None:
 
 
 # ------------------------------------------------------------------------------------------- plots
+# ``fig_*`` build a matplotlib Figure (object API: no pyplot state, no GUI backend) or return None when
+# there is nothing to draw; ``save_figure`` writes one; ``figure_png`` gives its bytes (for notebooks).
 def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
-    from matplotlib.figure import Figure  # object API: no pyplot state, no GUI backend needed
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height), layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, axes
 
 
-def plot_length_extrapolation(series: dict[str, dict], out: Path, *, errors: dict[str, dict] | None = None,
-                              title: str = "") -> Path | None:
+def save_figure(fig, out: Path) -> Path | None:
+    if fig is None:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def figure_png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def fig_length_extrapolation(series: dict[str, dict], *, errors: dict[str, dict] | None = None, title: str = ""):
     """Validation loss against sequence length (multiples of the training length), one line per variant.
 
     ``series[variant] = {"orbits": {"1": loss, ...}, "text": {...}}``; ``errors`` the same shape with
-    standard deviations (drawn as error bars). Returns ``out`` or ``None`` when there is nothing to plot.
+    standard deviations (drawn as error bars).
     """
     mods = [m for m in MODALITIES if any((s or {}).get(m) for s in series.values())]
     if not mods:
@@ -462,27 +479,28 @@ def plot_length_extrapolation(series: dict[str, dict], out: Path, *, errors: dic
             ks = [k for k in _length_keys([d]) if _isnum(k) and isinstance(d.get(k), (int, float))]
             if not ks:
                 continue
-            x = [float(k) for k in ks]
-            y = [d[k] for k in ks]
             err = None
             if errors:
                 e = (errors.get(name) or {}).get(mod) or {}
                 err = [e.get(k) or 0.0 for k in ks]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+            ax.errorbar([float(k) for k in ks], [d[k] for k in ks], yerr=err, marker="o", capsize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("length / training length")
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_title(f"{mod}")
+        ax.set_title(mod)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return fig
 
 
-def plot_probe_r2(variants: dict[str, dict], out: Path) -> Path | None:
+def plot_length_extrapolation(series: dict[str, dict], out: Path, *, errors: dict[str, dict] | None = None,
+                              title: str = "") -> Path | None:
+    return save_figure(fig_length_extrapolation(series, errors=errors, title=title), out)
+
+
+def fig_probe_r2(variants: dict[str, dict]):
     """Linear-probe R² against layer, one panel per variant, one line per target."""
     have = {n: lin for n, lin in variants.items() if lin}
     if not have:
@@ -497,16 +515,47 @@ def plot_probe_r2(variants: dict[str, dict], out: Path) -> Path | None:
                     marker=".", label=target)
         ax.set_xlabel("layer (0 = embeddings)")
         ax.set_ylabel("held-out R²")
-        ax.set_ylim(min(-0.05, ax.get_ylim()[0]), 1.02)
+        ax.set_ylim(max(-1.0, min(-0.05, ax.get_ylim()[0])), 1.02)
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return fig
 
 
-def plot_newtonian_counts(agg: dict[str, dict], out: Path) -> Path | None:
+def plot_probe_r2(variants: dict[str, dict], out: Path) -> Path | None:
+    return save_figure(fig_probe_r2(variants), out)
+
+
+def fig_force_predictions(predictions: dict[str, dict]):
+    """Predicted against true force magnitude (log-log), one panel per model, with the y = x line.
+
+    ``predictions[model] = {"true": [...], "predicted": [...]}`` (M☉ AU yr⁻², e.g. from
+    ``force_predictions``); non-positive values cannot be shown on log axes and are counted in the title.
+    """
+    have = {n: p for n, p in predictions.items() if p and p.get("true")}
+    if not have:
+        return None
+    fig, axes = _figure(len(have), width=3.8, height=3.6)
+    for ax, (name, p) in zip(axes, have.items()):
+        pairs = [(t, q) for t, q in zip(p["true"], p["predicted"]) if t > 0 and q > 0]
+        dropped = len(p["true"]) - len(pairs)
+        if pairs:
+            t, q = zip(*pairs)
+            ax.scatter(t, q, s=4, alpha=0.5)
+            lo, hi = min(min(t), min(q)), max(max(t), max(q))
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls="--", label="y = x")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("true |F| (M☉ AU/yr²)")
+        ax.set_ylabel("predicted |F|")
+        ax.set_title(name + (f" ({dropped} ≤ 0 not shown)" if dropped else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def fig_newtonian_counts(agg: dict[str, dict]):
+    """Galaxies judged Newtonian out of all galaxies × seeds, per model (from ``aggregate``)."""
     names = [n for n in agg if agg[n].get("galaxies")]
     if not names:
         return None
@@ -520,9 +569,55 @@ def plot_newtonian_counts(agg: dict[str, dict], out: Path) -> Path | None:
         ax.text(i, g, f"{g}/{t}", ha="center", va="bottom")
     ax.set_ylabel("galaxies × seeds")
     ax.legend(fontsize=8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return fig
+
+
+def plot_newtonian_counts(agg: dict[str, dict], out: Path) -> Path | None:
+    return save_figure(fig_newtonian_counts(agg), out)
+
+
+def loss_series(result: "RunResult | SweepResult") -> tuple[dict[str, dict], dict[str, dict] | None]:
+    """``(series, errors)`` for ``fig_length_extrapolation``: a run's own values per variant, or a
+    sweep's mean and sd across seeds per variant (``errors`` is None for a run)."""
+    if isinstance(result, RunResult):
+        return {n: (v.pretrain or {}).get("length_extrapolation") or {} for n, v in result.variants.items()}, None
+    agg = aggregate(result)
+    series: dict[str, dict] = {}
+    errors: dict[str, dict] = {}
+    for n, a in agg.items():
+        if n == "oracle":
+            continue
+        for key, st in a.items():
+            if key.startswith("extrapolation/") and isinstance(st, dict) and st.get("mean") is not None:
+                _, mod, k = key.split("/")
+                series.setdefault(n, {}).setdefault(mod, {})[k] = st["mean"]
+                errors.setdefault(n, {}).setdefault(mod, {})[k] = st["std"]
+    return series, errors
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A list of dicts (e.g. ``equations_table``) as a Markdown table of ``columns`` (default: all keys)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def val(r: dict, c: str) -> Any:  # expressions as code, so that `*` is not read as emphasis
+        v = r.get(c)
+        return f"`{v}`" if c == "expression" and v is not None else v
+
+    return "\n".join(_md_table(columns, [[val(r, c) for c in columns] for r in rows]))
+
+
+def latest(home: str | Path | None = None) -> Path:
+    """The most recently modified run or sweep folder under ``home`` (default ``output_root()``)."""
+    from gravprobe.common import output_root
+
+    home = Path(home) if home else output_root()
+    cands = [p for sub in ("runs", "sweeps") for p in (home / sub).glob("*/*") if p.is_dir()]
+    if not cands:
+        raise ReportError(f"no run or sweep folders under {home}/runs or {home}/sweeps; run `gravprobe run "
+                          "experiment=smoke` first or give a folder")
+    return max(cands, key=lambda p: p.stat().st_mtime)
 
 
 # ---------------------------------------------------------------------------------------- markdown
@@ -613,6 +708,12 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
             md += [f"**oracle** (2-NN on the true state) — newtonian in {n_ok} of {len(run.oracle)} galaxies", ""]
             md += _md_table(GALAXY_HEADER, _galaxy_rows(run.oracle))
             md.append("")
+    preds = {n: force_predictions(v.dir) for n, v in run.variants.items() if v.dir.is_dir()}
+    png = save_figure(fig_force_predictions({n: p for n, p in preds.items() if p}),
+                      fig_dir / "force_pred_vs_true.png")
+    if png:
+        md += ["Fine-tuned force head on held-out steps, predicted against true |F|:", "",
+               f"![predicted vs true force]({_rel(png, base)})", ""]
     # figures the stages made
     figs = []
     for v in run.variants.values():
@@ -691,7 +792,6 @@ def render_sweep(sweep: SweepResult) -> str:
     md += _md_table(["variant", *[f"{m} last" for m in MODALITIES]],
                     [[n, *[_pm(agg[n][f"loss/{m}/last"]) for m in MODALITIES]] for n in variants])
     md.append("")
-    series, errors = {}, {}
     for mod in MODALITIES:
         keys = sorted({k.split("/")[2] for n in variants for k in agg[n] if k.startswith(f"extrapolation/{mod}/")},
                       key=lambda k: (float(k) if _isnum(k) else math.inf, k))
@@ -701,11 +801,7 @@ def render_sweep(sweep: SweepResult) -> str:
         md += _md_table(["variant", *[f"{k}×" for k in keys]],
                         [[n, *[_pm(agg[n].get(f"extrapolation/{mod}/{k}")) for k in keys]] for n in variants])
         md.append("")
-        for n in variants:
-            series.setdefault(n, {})[mod] = {k: agg[n][f"extrapolation/{mod}/{k}"]["mean"] for k in keys
-                                              if agg[n].get(f"extrapolation/{mod}/{k}", {}).get("mean") is not None}
-            errors.setdefault(n, {})[mod] = {k: agg[n][f"extrapolation/{mod}/{k}"]["std"] for k in keys
-                                              if agg[n].get(f"extrapolation/{mod}/{k}", {}).get("std") is not None}
+    series, errors = loss_series(sweep)
     png = plot_length_extrapolation(series, base / "figures" / "loss_vs_length.png", errors=errors,
                                     title="mean ± sd across seeds")
     if png:
