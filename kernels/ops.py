@@ -133,9 +133,14 @@ def _backward_impl(grad_out, q, k, v, q_scale, k_scale, out, stat_s, stat_m, sta
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     norm = q_scale is not None
     lssar = variant == "lssar"
-    # Dᵢ = dOᵢ·Oᵢ (= Σⱼ a′ᵢⱼ dOᵢ·vⱼ): O(T·D), done in PyTorch, float32, laid out [B, H, T]
-    stat_d = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    stat_e = _alloc((B, H, T), torch.float32, q.device) if lssar else stat_d
+    # Dᵢ = dOᵢ·Oᵢ (= Σⱼ a′ᵢⱼ dOᵢ·vⱼ), float32 [B, H, T]: from the saved output in PyTorch, except for lssar,
+    # whose dQ kernel recomputes it in float32 from the weights (p amplifies the rounding of Oᵢ)
+    if lssar:
+        stat_d = _alloc((B, H, T), torch.float32, q.device)
+        stat_e = _alloc((B, H, T), torch.float32, q.device)
+    else:
+        stat_d = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+        stat_e = stat_d
     dq = _alloc((B, T, H, D), q.dtype, q.device)
     dk = _alloc((B, T, H, D), k.dtype, q.device)
     dv = _alloc((B, T, H, D), v.dtype, q.device)

@@ -68,7 +68,7 @@ def _row_terms(offs_m, T, scale, log_coef, offset, offset_until,
         c_i = log_coef * tl.log(n_i)  # log_b(d) · log_b(nᵢ) = [ln d / (ln b)²] · ln nᵢ
     else:
         c_i = tl.zeros_like(n_i) + scale
-    o_i = tl.where(offs_m + 1 <= offset_until, 0.0, offset)
+    o_i = tl.where(n_i <= offset_until, 0.0, offset)  # as the reference: oᵢ = 0 while nᵢ ≤ offset_until
     return c_i, n_i, o_i
 
 
@@ -211,7 +211,8 @@ def _bwd_dq_kernel(
     """dQ (and, with NORM, the gradient of the inverse query norms) for one block of query rows.
 
     The tile ``ds`` holds ∂L/∂sᵢⱼ divided by a row factor ``rf`` (1/Sᵢ, or nᵢ/Sᵢ for lssar) that is
-    applied once at the end. For ``lssar`` a first pass computes Eᵢ = Σⱼ aᵢⱼ eᵢⱼ, saved for dK/dV.
+    applied once at the end. For ``lssar`` a first pass computes Dᵢ and Eᵢ = Σⱼ aᵢⱼ eᵢⱼ and writes both
+    into STAT_D / STAT_E for the dK/dV kernel; otherwise STAT_D holds dOᵢ·Oᵢ on entry.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -228,7 +229,6 @@ def _bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     stat_off = pid_bh * T + offs_m
     row_sum = tl.load(STAT_S + stat_off, mask=mask_m, other=1.0)
-    d_i = tl.load(STAT_D + stat_off, mask=mask_m, other=0.0)
     c_i, n_i, o_i = _row_terms(offs_m, T, scale, log_coef, offset, offset_until, CAUSAL, LENGTH_SCALE)
     if NORM:
         qs = tl.load(QS + stat_off, mask=mask_m, other=1.0)
@@ -247,8 +247,13 @@ def _bwd_dq_kernel(
         uniform = (r_max <= 0.0).to(tl.int32)
         inv_rmax = 1.0 / tl.where(uniform != 0, 1.0, r_max)
         w_scale = inv_rmax / w_sum  # 1 / (Wᵢ·Mᵢ)
-        # pass A: Eᵢ = Σⱼ aᵢⱼ eᵢⱼ (needs the whole row before any dsᵢⱼ)
-        e_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # pass A: Dᵢ = Σⱼ a′ᵢⱼ gᵢⱼ and Eᵢ = Σⱼ aᵢⱼ eᵢⱼ (both need the whole row before any dsᵢⱼ). Dᵢ is
+        # recomputed here in float32 rather than taken from dOᵢ·Oᵢ: Oᵢ is stored in the input dtype, and
+        # eᵢⱼ ∝ p·(gᵢⱼ − Dᵢ) would amplify its bf16 rounding by p. With hᵢⱼ = p·xᵢⱼ^(p−1) (0 where
+        # uᵢⱼ ≤ 0): Eᵢ = [Σⱼ fᵢⱼhᵢⱼgᵢⱼ − Dᵢ Σⱼ fᵢⱼhᵢⱼ] / (Sᵢ·Wᵢ·Mᵢ).
+        d_num = tl.zeros([BLOCK_M], dtype=tl.float32)
+        fhg = tl.zeros([BLOCK_M], dtype=tl.float32)
+        fh = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, UPCAST)
@@ -258,9 +263,16 @@ def _bwd_dq_kernel(
                 s = s * tl.load(KS + pid_bh * T + offs_n, mask=offs_n < T, other=0.0)[None, :]
             g = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ok = _valid(offs_m, offs_n, T, CAUSAL)
-            f, e = _lssar_e(s, g, d_i, inv, o_i, inv_rmax, w_scale, power, uniform)
-            e_sum += tl.sum(tl.where(ok, e * f, 0.0), axis=1)
-        e_sum = e_sum / row_sum  # aᵢⱼ = fᵢⱼ / Sᵢ
+            f = _softplus(s)
+            x = tl.maximum(f * inv[:, None] - o_i[:, None], 0.0) * inv_rmax[:, None]
+            w = tl.where(ok, tl.where(uniform[:, None] != 0, 1.0, _pow_pos(x, power)), 0.0)
+            fh_ij = tl.where(ok & (x > 0.0) & (uniform[:, None] == 0), f * power * _pow_pos(x, power - 1.0), 0.0)
+            d_num += tl.sum(w * g, axis=1)
+            fhg += tl.sum(fh_ij * g, axis=1)
+            fh += tl.sum(fh_ij, axis=1)
+        d_i = d_num / w_sum
+        e_sum = (fhg - d_i * fh) * w_scale / row_sum
+        tl.store(STAT_D + stat_off, d_i, mask=mask_m)
         tl.store(STAT_E + stat_off, e_sum, mask=mask_m)
         # pass B: ∂L/∂sᵢⱼ = σ(sᵢⱼ)·(nᵢ/Sᵢ)·(eᵢⱼ − Eᵢ)
         for start_n in range(0, hi, BLOCK_N):
@@ -281,6 +293,7 @@ def _bwd_dq_kernel(
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         row_factor = inv
     else:
+        d_i = tl.load(STAT_D + stat_off, mask=mask_m, other=0.0)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + offs_n0
             k = _load_tile(k_base, offs_n, stride_kt, offs_d, T, HEAD_DIM, UPCAST)
