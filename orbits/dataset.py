@@ -105,7 +105,7 @@ class DatasetSpec:
     priors: dict = field(default_factory=lambda: json.loads(json.dumps(DEFAULT_PRIORS)))
     labelling: dict = field(default_factory=lambda: {"full_systems": None, "partial_steps": 2})
     shard_size: int = 1024
-    nbody: dict = field(default_factory=lambda: {"steps_per_orbit": 20.0, "max_substeps": 1024,
+    nbody: dict = field(default_factory=lambda: {"steps_per_orbit": 20.0, "max_substeps": 256,
                                                  "energy_tolerance": 1e-5})
 
     def __post_init__(self) -> None:
@@ -116,7 +116,7 @@ class DatasetSpec:
         self.labelling = {"full_systems": None if lab["full_systems"] is None else int(lab["full_systems"]),
                           "partial_steps": lab["partial_steps"], **{k: v for k, v in lab.items()
                                                                    if k not in ("full_systems", "partial_steps")}}
-        nb = {"steps_per_orbit": 20.0, "max_substeps": 1024, "energy_tolerance": 1e-5, **dict(self.nbody or {})}
+        nb = {"steps_per_orbit": 20.0, "max_substeps": 256, "energy_tolerance": 1e-5, **dict(self.nbody or {})}
         self.nbody = {**nb, "steps_per_orbit": float(nb["steps_per_orbit"]), "max_substeps": int(nb["max_substeps"]),
                       "energy_tolerance": float(nb["energy_tolerance"])}
         self.coord_range = float(self.coord_range)
@@ -324,7 +324,20 @@ def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int,
     star_pos = np.zeros((S, nmax, 2))
     star_vel = np.zeros((S, nmax, 2))
     err = np.zeros(S)
-    todo = np.arange(S)
+    # K = 1: the N-body problem is the two-body problem, solved exactly (energy error 0)
+    one = np.nonzero(p.n_planets == 1)[0]
+    if len(one):
+        t = np.arange(nmax)[None, :] * dts[one, None]
+        m1, ms1 = p.m_planet[one, 0], p.m_star[one]
+        n1 = np.sqrt(mu[one, 0] / p.a[one, 0] ** 3)
+        rel, vel = physics.kepler_state(p.a[one, 0, None], p.e[one, 0, None], p.omega[one, 0, None],
+                                        p.mean_anomaly[one, 0, None] + n1[:, None] * t, mu[one, 0, None])
+        frac = (m1 / (m1 + ms1))[:, None, None]
+        star_pos[one] = p.com[one, None] - frac * rel
+        star_vel[one] = -frac * vel
+        planet_pos[one, 0] = star_pos[one] + rel
+        planet_vel[one, 0] = star_vel[one] + vel
+    todo = np.nonzero(p.n_planets > 1)[0]
     tol = float(cfg["energy_tolerance"])
     while len(todo):
         for nsub in np.unique(sub[todo]):
@@ -347,7 +360,8 @@ def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int,
         log.warning("nbody: %d of %d systems exceed the energy tolerance %.1e at max_substeps=%d "
                     "(worst %.2e; likely close planet-planet encounters); see the energy_error array",
                     bad.sum(), S, tol, int(cfg["max_substeps"]), err.max())
-    # total force on each planet: star + other planets
+    # total force on each planet: star + other planets (steps past a system's end are zeros: ignore)
+    err_state = np.seterr(divide="ignore", invalid="ignore")
     F = physics.gravity_force(planet_pos - star_pos[:, None], m[..., None], p.m_star[:, None, None])
     for k2 in range(K):
         d = planet_pos - planet_pos[:, k2:k2 + 1]
@@ -355,6 +369,7 @@ def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int,
         ok = real[:, :, None] & real[:, k2:k2 + 1, None] & (np.arange(K) != k2)[None, :, None]
         w = np.where(ok, -G * m[..., None] * m[:, k2:k2 + 1, None] / np.where(ok, r2 * np.sqrt(r2), 1.0), 0.0)
         F += w[..., None] * d
+    np.seterr(**err_state)
     row, col = np.nonzero(is_planet)
     jj, ss = j[row, col], s[row, col]
     positions = np.zeros((S, T, 2))

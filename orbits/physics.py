@@ -217,12 +217,50 @@ def _stumpff(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kepler_drift(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
-    """Advance relative states on exact Kepler orbits by ``dt`` (any conic), universal variables.
+    """Advance relative states on exact Kepler orbits by ``dt``; returns new (pos, vel).
 
-    ``pos``, ``vel`` [..., 2] (AU, AU/yr), ``mu`` and ``dt`` broadcast to ``pos.shape[:-1]``.
-    Solves the universal Kepler equation for chi by Laguerre–Conway iterations (robust for every
-    eccentricity) and applies the Lagrange f, g coefficients. Returns new (pos, vel).
+    ``pos``, ``vel`` [..., 2] (AU, AU/yr), ``mu`` and ``dt`` broadcast to ``pos.shape[:-1]``. Bound
+    states use the fast elliptic form (Newton on the eccentric-anomaly increment, Lagrange f and g;
+    Murray & Dermott §2.5); if any state is unbound, or Newton fails, every state goes through
+    :func:`kepler_drift_universal` (robust for every conic).
     """
+    r = np.asarray(pos, dtype=np.float64)
+    v = np.asarray(vel, dtype=np.float64)
+    x0, y0, vx, vy = r[..., 0], r[..., 1], v[..., 0], v[..., 1]
+    r0 = np.sqrt(x0 * x0 + y0 * y0)
+    inv_a = 2.0 / r0 - (vx * vx + vy * vy) / mu
+    if not np.all(inv_a > 0):
+        return kepler_drift_universal(r, v, mu, dt, tol=tol, max_iter=max_iter)
+    a = 1.0 / inv_a
+    n = np.sqrt(mu * inv_a**3)
+    ec = 1.0 - r0 * inv_a  # e cos E0
+    es = (x0 * vx + y0 * vy) / (n * a * a)  # e sin E0
+    dM = n * dt
+    x = dM * a / r0  # first-order guess dE = dM * dE/dM
+    x = np.minimum(x, dM + 1.0)  # ...bounded: dE - dM = e sin E - e sin E0 <= 2 e
+    for _ in range(max_iter):
+        sx, cx = np.sin(x), np.cos(x)
+        F = x - ec * sx + es * (1.0 - cx) - dM
+        dF = 1.0 - ec * cx + es * sx
+        dx = F / dF
+        x -= dx
+        if np.max(np.abs(dx), initial=0.0) < tol * (1.0 + np.max(np.abs(x), initial=0.0)):
+            break
+    else:
+        return kepler_drift_universal(r, v, mu, dt, tol=tol, max_iter=max_iter)
+    sx, cx = np.sin(x), np.cos(x)
+    f = a / r0 * (cx - 1.0) + 1.0
+    g = dt + (sx - x) / n
+    rn = a * (1.0 - ec * cx + es * sx)
+    fdot = -a * a * n * sx / (rn * r0)
+    gdot = a / rn * (cx - 1.0) + 1.0
+    new_r = np.stack([f * x0 + g * vx, f * y0 + g * vy], axis=-1)
+    new_v = np.stack([fdot * x0 + gdot * vx, fdot * y0 + gdot * vy], axis=-1)
+    return new_r, new_v
+
+
+def kepler_drift_universal(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
+    """:func:`kepler_drift` for any conic (universal variables, Laguerre–Conway iterations)."""
     r = np.asarray(pos, dtype=np.float64)
     v = np.asarray(vel, dtype=np.float64)
     shape = r.shape[:-1]
@@ -274,15 +312,17 @@ class NBodyTrajectory:
     energy_error: np.ndarray  # [B] max |E(t) - E(0)| / |E(0)| over the output steps
 
 
-def _pair_accel(Q: np.ndarray, m: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """Planet–planet accelerations [B, K, 2] from heliocentric positions Q [B, K, 2]."""
-    d = Q[:, None, :, :] - Q[:, :, None, :]  # d[b, i, j] = Q_j - Q_i
-    r2 = d[..., 0] ** 2 + d[..., 1] ** 2
-    K = Q.shape[1]
-    ok = real[:, :, None] & real[:, None, :] & ~np.eye(K, dtype=bool)[None]
-    r2 = np.where(ok, r2, 1.0)
-    w = np.where(ok, G * m[:, None, :] / (r2 * np.sqrt(r2)), 0.0)
-    return np.einsum("bij,bijc->bic", w, d)
+def _pair_accel(Q: np.ndarray, Gm: np.ndarray, r2_pad: np.ndarray) -> np.ndarray:
+    """Planet–planet accelerations [B, K, 2] from heliocentric positions Q [B, K, 2].
+
+    ``Gm`` [B, K, K] = G m_j for real pairs i != j, else 0; ``r2_pad`` [B, K, K] = 1 where the pair is
+    not real (keeps the division finite), else 0.
+    """
+    dx = Q[:, None, :, 0] - Q[:, :, None, 0]  # [b, i, j] = Q_j - Q_i
+    dy = Q[:, None, :, 1] - Q[:, :, None, 1]
+    r2 = dx * dx + dy * dy + r2_pad
+    w = Gm / (r2 * np.sqrt(r2))
+    return np.stack([(w * dx).sum(2), (w * dy).sum(2)], axis=-1)
 
 
 def nbody_energy(star_pos, star_vel, planet_pos, planet_vel, m_star, m_planet, real=None):
@@ -352,6 +392,9 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
         V[pad] = np.stack([np.zeros(pad.sum()), np.sqrt(G * m_star[:, None].repeat(K, 1)[pad] / far[pad])], -1)
     mu = (G * m_star)[:, None]
     h = dt / substeps
+    pair = real[:, :, None] & real[:, None, :] & ~np.eye(K, dtype=bool)[None]
+    Gm = np.where(pair, G * m[:, None, :], 0.0)
+    r2_pad = (~pair).astype(np.float64)
 
     n_active = np.full(n_steps, B) if active_steps is None else (np.asarray(active_steps)[None, :] >
                                                                   np.arange(n_steps)[:, None]).sum(1)
@@ -362,16 +405,17 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
         b = int(n_active[s])
         if b == 0:
             break
-        q, v, mb, hb, mub, rb = Q[:b], V[:b], m[:b], h[:b], mu[:b], real[:b]
+        q, v, mb, hb, mub = Q[:b], V[:b], m[:b], h[:b], mu[:b]
+        gm, pad2 = Gm[:b], r2_pad[:b]
         hh = hb[:, None, None]
-        msb = m_star[:b, None]
+        jump = (0.5 * hb / m_star[:b])[:, None, None] * mb[..., None]  # [b, K, 1]: h/2 * m_j / m_s
         for _ in range(substeps):
             # jump(h/2): heliocentric positions move with the star's barycentric recoil
-            q = q + 0.5 * hh * ((mb[..., None] * v).sum(1) / msb)[:, None]
-            v = v + 0.5 * hh * _pair_accel(q, mb, rb)
+            q = q + (jump * v).sum(1, keepdims=True)
+            v = v + 0.5 * hh * _pair_accel(q, gm, pad2)
             q, v = kepler_drift(q, v, mub, hb[:, None])
-            v = v + 0.5 * hh * _pair_accel(q, mb, rb)
-            q = q + 0.5 * hh * ((mb[..., None] * v).sum(1) / msb)[:, None]
+            v = v + 0.5 * hh * _pair_accel(q, gm, pad2)
+            q = q + (jump * v).sum(1, keepdims=True)
         Q[:b], V[:b] = q, v
         Qs[:b, :, s], Vs_[:b, :, s] = q, v
 
@@ -382,7 +426,8 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
     planet_pos = Xs_star[:, None] + Qs
     planet_vel = Vs_ + Vcm[:, None, None]
     star_vel = Vs_star + Vcm[:, None]
-    E, _ = nbody_energy(Xs_star, star_vel, planet_pos, planet_vel, m_star, m_planet, real)
+    with np.errstate(divide="ignore", invalid="ignore"):  # outputs past a system's active steps are 0
+        E, _ = nbody_energy(Xs_star, star_vel, planet_pos, planet_vel, m_star, m_planet, real)
     steps_ok = np.arange(n_steps)[None, :] < (n_steps if active_steps is None
                                                else np.asarray(active_steps)[:, None])
     err = np.where(steps_ok, np.abs(E - E[:, :1]) / np.abs(E[:, :1]), 0.0).max(1)
@@ -431,7 +476,7 @@ class Trajectory:
         for i in range(K):
             for j in range(K):
                 if i != j:
-                    F[i] -= gravity_force(self.planet_pos[i] - self.planet_pos[j], self.m_planet[i],
+                    F[i] += gravity_force(self.planet_pos[i] - self.planet_pos[j], self.m_planet[i],
                                           self.m_planet[j])
         return F
 
@@ -482,8 +527,9 @@ class PlanetarySystem:
                       star_pos=(0.0, 0.0), rng: np.random.Generator | None = None) -> "PlanetarySystem":
         """Planets from elements relative to the star: ``a`` (AU), ``e`` in [0, 1), ``omega`` argument of
         periapsis (rad) and ``mean_anomaly`` at t = 0 (rad). Missing angles are drawn U(0, 2 pi) from
-        ``rng`` (a :class:`numpy.random.Generator`, required then). The star starts at rest at
-        ``star_pos``; relative velocities follow from ``mu = G (m_p + m_s)``."""
+        ``rng`` (a :class:`numpy.random.Generator`, required then). The star starts at ``star_pos``
+        with the velocity that makes the total momentum zero (the centre of mass stays put); relative
+        velocities follow from ``mu = G (m_p + m_s)``."""
         m_planet = check_masses(np.atleast_1d(np.asarray(m_planet, float)), "planet mass")
         a = check_semi_major_axis(np.broadcast_to(np.asarray(a, float), m_planet.shape))
         e = check_eccentricity(np.broadcast_to(np.asarray(e, float), m_planet.shape))
@@ -494,7 +540,8 @@ class PlanetarySystem:
         mean_anomaly = (rng.uniform(0, 2 * np.pi, m_planet.shape) if mean_anomaly is None
                         else np.broadcast_to(mean_anomaly, m_planet.shape))
         pos, vel = kepler_state(a, e, omega, mean_anomaly, G * (m_planet + m_star))
-        return cls(m_star, m_planet, pos, vel, star_pos=star_pos)
+        star_vel = -(m_planet[:, None] * vel).sum(0) / (m_star + m_planet.sum())  # zero total momentum
+        return cls(m_star, m_planet, pos, vel, star_pos=star_pos, star_vel=star_vel)
 
     @classmethod
     def from_cartesian(cls, m_star: float, m_planet, planet_pos, planet_vel, star_pos=(0.0, 0.0),
@@ -539,10 +586,9 @@ class PlanetarySystem:
             rel, relv = kepler_state(el.a[:, None], el.e[:, None], omega[:, None],
                                      M0[:, None] + n[:, None] * t[None], mu[:, None])
             if fixed_star:
+                # the star is pinned where it starts (its initial velocity is ignored)
                 star_pos = np.broadcast_to(self.star_pos, (n_steps, 2)).copy()
-                star_vel = np.broadcast_to(self.star_vel, (n_steps, 2)).copy()
-                if np.any(self.star_vel != 0):
-                    star_pos += t[:, None] * self.star_vel
+                star_vel = np.zeros((n_steps, 2))
             else:  # one planet, moving star: both about the centre of mass
                 mtot = self.m_planet[0] + self.m_star
                 com0 = self.star_pos + self.m_planet[0] / mtot * self.rel_pos[0]
