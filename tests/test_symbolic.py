@@ -1,0 +1,230 @@
+"""Symbolic regression backends and the Newton verdict on synthetic force data (no model, no dataset)."""
+from __future__ import annotations
+
+import builtins
+import importlib.util
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from gravprobe.probes import symbolic
+from gravprobe.probes.symbolic import BackendUnavailableError, EquationTable, fit_equation
+from gravprobe.probes.verdict import compare_to_newton, is_symbolically_newtonian, power_law_fit
+
+G = 4 * np.pi**2
+NAMES = ("r", "m1", "m2")
+FAST = dict(backend="operon", n_threads=2, generations=30)
+QUICK = dict(backend="operon", n_threads=2, generations=10, population_size=200)
+
+
+def galaxy(seed: int, n: int = 600) -> np.ndarray:
+    """[n, 3] (r AU, m1 Msun, m2 Msun) drawn like the two-body force data (METHOD §1.2 priors)."""
+    rng = np.random.default_rng(100 + seed)
+    r = rng.uniform(0.3, 40.0, n)
+    m1 = np.clip(rng.gamma(0.3202016, 1.105595e-3, n) + 6.009815e-8, 1e-9, 1e-3)
+    m2 = np.clip(np.exp(rng.normal(np.log(1.6271509), 0.2004501, n)) - 0.6793606, 0.1, 5.0)
+    return np.column_stack([r, m1, m2])
+
+
+def noisy(y: np.ndarray, seed: int, level: float = 0.01) -> np.ndarray:
+    return y * (1 + level * np.random.default_rng(seed).standard_normal(y.shape))
+
+
+def newton(X):
+    return G * X[:, 1] * X[:, 2] / X[:, 0] ** 2
+
+
+# ------------------------------------------------------------------------------------------- verdict
+def test_verdict_accepts_newton_and_rejects_near_misses():
+    X = galaxy(0)
+    r, m1, m2 = sp.symbols("r m1 m2", positive=True)
+    y = noisy(newton(X), 0)
+    v = compare_to_newton(G * m1 * m2 / r**2, X, y)
+    assert v.newtonian and v.symbolic and v.r2_newton > 0.999
+    assert abs(v.exponents["r"][0] + 2) < 1e-6
+    for law in (G * m1 * m2 / r, G * m1 / r**2, G * m1 * m2 / r**sp.Rational(5, 2), G * m2 / r**2,
+                sp.cos(sp.cos(2.19 * m1)), G * m1 * m2 / r**2 + 1e-3):
+        v = compare_to_newton(law, X, y)
+        assert not v.newtonian, (law, v.reasons)
+        assert not v.symbolic
+    # the near misses judged on data that *follow* the near miss (the SR case) are rejected too
+    for law, f in ((G * m1 * m2 / r, lambda X: G * X[:, 1] * X[:, 2] / X[:, 0]),
+                   (G * m1 / r**2, lambda X: G * X[:, 1] / X[:, 0] ** 2)):
+        assert not compare_to_newton(law, X, noisy(f(X), 1)).newtonian
+
+
+def test_verdict_numeric_route_and_snapping():
+    X = galaxy(1)
+    y = noisy(newton(X), 1)
+    r, m1, m2 = sp.symbols("r m1 m2", positive=True)
+    # float exponents within the snap width are symbolically Newtonian after snapping
+    v = compare_to_newton(39.5 * m1**1.004 * m2**0.995 / r**2.01, X, y)
+    assert v.newtonian and v.symbolic and "snapped" in v.reasons
+    # beyond the snap width but inside CI + tolerance: numerically Newtonian, not symbolically
+    v = compare_to_newton(39.5 * m1**1.03 * m2 / r**2.04, X, y)
+    assert v.newtonian and not v.symbolic and "numerically" in v.reasons
+    # a string in the given names works, and the names must be three
+    assert compare_to_newton("39.48*m1*m2/r**2", X, y).newtonian
+    with pytest.raises(ValueError, match="three variables"):
+        compare_to_newton("m1/r", X[:, :2], y, names=("r", "m1"))
+
+
+def test_is_symbolically_newtonian_constant_sign_and_names():
+    r, m1, m2 = sp.symbols("r m1 m2", positive=True)
+    assert is_symbolically_newtonian(3 * m1 * m2 * r**-2)[0]
+    assert not is_symbolically_newtonian(-3 * m1 * m2 / r**2)[0]
+    assert not is_symbolically_newtonian(3 * m1 * m2 / r**2 * sp.Symbol("k"))[0]
+    # symbols without assumptions are matched by name
+    a, b, c = sp.symbols("r m1 m2")
+    assert is_symbolically_newtonian(b * c / a**2)[0]
+
+
+def test_power_law_fit_intervals_cover_truth():
+    X = galaxy(2, 2000)
+    y = noisy(2.0 * X[:, 0] ** -1.5 * X[:, 1] ** 0.7 * X[:, 2], 3, 0.05)
+    fit = power_law_fit(X, y, NAMES, ci=0.99)
+    for n, true in zip(NAMES, (-1.5, 0.7, 1.0)):
+        est, lo, hi = fit.exponents[n]
+        assert lo <= true <= hi and lo < est < hi
+    assert fit.r2 > 0.99
+    with pytest.raises(ValueError):
+        power_law_fit(X, -y, NAMES)
+
+
+# ------------------------------------------------------------------------------------- Operon engine
+def test_truth_with_noise_newton_in_five_of_five_galaxies():
+    verdicts = []
+    for seed in range(5):
+        X = galaxy(seed)
+        y = noisy(newton(X), seed)
+        res = fit_equation(X, y, NAMES, seed=seed, **FAST)
+        assert res.backend == "operon"
+        verdicts.append(compare_to_newton(res.expression, X, y))
+    assert all(v.newtonian for v in verdicts), [v.reasons for v in verdicts]
+    assert sum(v.symbolic for v in verdicts) >= 4  # the law itself, up to snapping, in (almost) every galaxy
+
+
+@pytest.mark.parametrize("name,law,expected_r", [
+    ("inverse_cube", lambda X: G * X[:, 1] * X[:, 2] / X[:, 0] ** 3, -3.0),
+    ("near_miss_1_over_r", lambda X: G * X[:, 1] * X[:, 2] / X[:, 0], -1.0),
+    # not a power law: the exponent of r runs with log r (expressible by the default arithmetic set in log space)
+    ("running_exponent", lambda X: G * X[:, 1] * X[:, 2] * X[:, 0] ** (-2.0 + 0.4 * np.log(X[:, 0])), None),
+])
+def test_planted_laws_are_recovered_and_not_newtonian(name, law, expected_r):
+    X = galaxy(7)
+    y = noisy(law(X), 7)
+    res = fit_equation(X, y, NAMES, seed=0, **FAST)
+    pred = res.predict(X)
+    assert np.median(np.abs(pred / y - 1)) < 0.03, (name, res.expression)  # the law is recovered
+    v = compare_to_newton(res.expression, X, y)
+    assert not v.newtonian, (name, v.reasons)
+    if expected_r is not None:
+        assert abs(v.exponents["r"][0] - expected_r) < 0.05
+
+
+def test_table_shape_scores_and_csv(tmp_path):
+    X = galaxy(3, 300)
+    y = noisy(newton(X), 3)
+    res = fit_equation(X, y, NAMES, seed=1, **FAST)
+    t = res.table
+    assert isinstance(t, EquationTable) and len(t) >= 3
+    comp = [r["complexity"] for r in t]
+    loss = [r["loss"] for r in t]
+    assert comp == sorted(comp) and all(a > b for a, b in zip(loss, loss[1:]))  # a Pareto front
+    assert t[0]["complexity"] == 1 and t[0]["score"] == 0.0                      # the constant anchors it
+    assert sum(r["chosen"] for r in t) == 1
+    chosen = next(r for r in t if r["chosen"])
+    assert chosen["score"] == max(r["score"] for r in t) and chosen["expression"] == res.expression
+    assert {s.name for s in res.expression.free_symbols} <= set(NAMES)
+    path = t.to_csv(tmp_path / "eq.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("complexity,loss,score,chosen,expression") and len(lines) == len(t) + 1
+
+
+def test_deterministic_for_a_seed():
+    X = galaxy(4, 300)
+    y = noisy(newton(X), 4)
+    a = fit_equation(X, y, NAMES, seed=5, **QUICK)
+    b = fit_equation(X, y, NAMES, seed=5, **QUICK)
+    assert str(a.expression) == str(b.expression)
+    assert [r["loss"] for r in a.table] == [r["loss"] for r in b.table]
+
+
+def test_raw_transform_with_literature_loss_runs():
+    X = galaxy(5, 300)
+    y = noisy(newton(X), 5)
+    res = fit_equation(X, y, NAMES, seed=0, transform="none", loss="l1", **QUICK)
+    assert res.transform == "none" and np.isfinite(res.predict(X)).all()
+
+
+def test_input_validation():
+    X = galaxy(0, 50)
+    y = newton(X)
+    with pytest.raises(ValueError, match="backend"):
+        fit_equation(X, y, NAMES, backend="gplearn")
+    with pytest.raises(ValueError, match="transform"):
+        fit_equation(X, y, NAMES, transform="sqrt")
+    with pytest.raises(ValueError, match=r"X must be \[N, 3\]"):
+        fit_equation(X[:, :2], y, NAMES)
+    with pytest.raises(ValueError, match="y > 0"):
+        fit_equation(X, -y, NAMES, backend="operon")
+    with pytest.raises(ValueError, match="finite"):
+        fit_equation(X, np.where(np.arange(50) == 3, np.nan, y), NAMES)
+    with pytest.raises(TypeError, match="unknown Operon option"):
+        fit_equation(X, y, NAMES, backend="operon", niterations=3)
+
+
+# --------------------------------------------------------------------------------------------- PySR
+@pytest.fixture
+def no_pysr(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake(name, *args, **kw):
+        if name == "pysr" or name.startswith("pysr."):
+            raise ImportError("No module named 'pysr' (test)")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def test_module_import_does_not_import_pysr():
+    import subprocess
+    import sys
+
+    code = ("import sys, gravprobe.probes.symbolic, gravprobe.probes.verdict, gravprobe.probes.pipeline; "
+            "print('pysr' in sys.modules, 'juliacall' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_pysr_missing_message(no_pysr):
+    X = galaxy(0, 50)
+    with pytest.raises(BackendUnavailableError) as e:
+        fit_equation(X, newton(X), NAMES, backend="pysr")
+    msg = str(e.value)
+    assert "pip install gravprobe[pysr]" in msg and "Julia" in msg and "backend='operon'" in msg
+
+
+def test_auto_falls_back_to_operon(no_pysr, caplog):
+    X = galaxy(1, 200)
+    with caplog.at_level("INFO", logger="gravprobe.probes.symbolic"):
+        res = fit_equation(X, noisy(newton(X), 1), NAMES, backend="auto", n_threads=2, generations=20)
+    assert res.backend == "operon"
+    assert "operon (auto)" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("pysr") is None, reason="PySR not installed")
+def test_pysr_recovers_newton():
+    X = galaxy(0, 500)
+    y = noisy(newton(X), 0)
+    res = fit_equation(X, y, NAMES, backend="pysr", seed=0, transform="log", niterations=20, restarts=1)
+    assert res.backend == "pysr" and len(res.table) >= 2
+    assert compare_to_newton(res.expression, X, y).newtonian
+
+
+def test_symbolic_module_constants_are_the_documented_ones():
+    assert symbolic.PYSR_DEFAULTS["niterations"] == 100 and symbolic.PYSR_DEFAULTS["maxsize"] == 20
+    assert symbolic.PYSR_DEFAULTS["restarts"] == 3
+    assert set(symbolic.BACKENDS) == {"auto", "operon", "pysr"}
