@@ -1,0 +1,139 @@
+"""Speed of the orbit dataset generator (not a test; run after tests/test_orbits*.py pass).
+
+Times the ``pretrain`` preset (1000-token multi-planet sequences, with states and force labels) built
+by the vectorised path (:func:`gravprobe.orbits.generate_arrays`, one process) against a scalar
+baseline written below in the style of the literature's reference generator: one Newton solve of
+Kepler's equation per point in a Python loop. Both produce the same quantities per point (position,
+relative state, force, tokens). Reports sequences per second per core (CPU time of this process, so
+that other load on the machine counts less) and wall time, their ratio, the ``nbody`` preset separately,
+and the extrapolated time for 10M pretraining sequences on all cores of this machine.
+
+    python benchmarks/bench_orbits.py                 # ~1 minute
+    python benchmarks/bench_orbits.py --systems 4096 --baseline 40 --nbody 32
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+from scipy import stats
+
+from gravprobe.orbits import DatasetSpec, ensure_dataset, generate_arrays
+from gravprobe.orbits.physics import G
+from gravprobe.orbits.priors import DEFAULT_PRIORS
+
+
+def baseline_sequence(rng: np.random.Generator, seq_len: int = 1000, n_bins: int = 7000, L: float = 50.0):
+    """One pretraining sequence, scalar style: priors per system, a Newton solve per point."""
+    p = DEFAULT_PRIORS
+    K = int(rng.integers(1, 11))
+    e = stats.beta(p["eccentricity"]["a"], p["eccentricity"]["b"]).rvs(size=K, random_state=rng)
+    a = stats.uniform(0.3, 31.7).rvs(size=K, random_state=rng)
+    pm = p["planet_mass"]
+    mp = np.clip(stats.gamma(pm["shape"], loc=pm["loc"], scale=pm["scale"]).rvs(size=K, random_state=rng), *pm["clip"])
+    ps = p["star_mass"]
+    ms = float(np.clip(stats.lognorm(ps["s"], loc=ps["loc"], scale=ps["scale"]).rvs(random_state=rng), *ps["clip"]))
+    dt = [0.0189, 0.486][int(rng.integers(0, 2))]
+    omega = rng.uniform(0, 2 * math.pi, K)
+    M0 = rng.uniform(0, 2 * math.pi, K)
+    com = rng.normal(0, 1, 2)
+    star = (float(com[0]), float(com[1]))
+    w = 2 * L / n_bins
+    tokens = np.full((seq_len, 2), n_bins + 2, dtype=np.int16)
+    states = np.zeros((seq_len, 6), dtype=np.float32)
+    forces = np.zeros((seq_len, 2), dtype=np.float32)
+    tokens[0] = n_bins + (dt == 0.486)
+    n_steps = (seq_len - 1) // (K + 1)
+    pos = 1
+    for s in range(n_steps):
+        t = s * dt
+        for j in range(K):
+            mu = G * (mp[j] + ms)
+            n = math.sqrt(mu / a[j] ** 3)
+            M = (M0[j] + n * t) % (2 * math.pi)
+            E = M if e[j] < 0.8 else math.pi
+            for _ in range(50):  # Newton
+                dE = (E - e[j] * math.sin(E) - M) / (1 - e[j] * math.cos(E))
+                E -= dE
+                if abs(dE) < 1e-12:
+                    break
+            cE, sE = math.cos(E), math.sin(E)
+            q = math.sqrt(1 - e[j] ** 2)
+            xp, yp = a[j] * (cE - e[j]), a[j] * q * sE
+            k = a[j] * n / (1 - e[j] * cE)
+            vxp, vyp = -k * sE, k * q * cE
+            cw, sw = math.cos(omega[j]), math.sin(omega[j])
+            x, y = cw * xp - sw * yp, sw * xp + cw * yp
+            vx, vy = cw * vxp - sw * vyp, sw * vxp + cw * vyp
+            r = math.hypot(x, y)
+            f = -G * mp[j] * ms / r**3
+            X, Y = star[0] + x, star[1] + y
+            tokens[pos] = (min(max(int((X + L) // w), 0), n_bins - 1), min(max(int((Y + L) // w), 0), n_bins - 1))
+            states[pos] = (x, y, vx, vy, mp[j], ms)
+            forces[pos] = (f * x, f * y)
+            pos += 1
+        tokens[pos] = (min(max(int((star[0] + L) // w), 0), n_bins - 1),
+                       min(max(int((star[1] + L) // w), 0), n_bins - 1))
+        pos += 1
+    return tokens, states, forces
+
+
+def _timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", type=int, default=4096, help="sequences for the vectorised pretrain run")
+    ap.add_argument("--baseline", type=int, default=20, help="sequences for the scalar baseline")
+    ap.add_argument("--nbody", type=int, default=16, help="sequences for the nbody preset (0 to skip)")
+    ap.add_argument("--write", action="store_true", help="also time writing a dataset to disk (1 worker)")
+    args = ap.parse_args()
+    cores = os.cpu_count() or 1
+    print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.2f}; numpy {np.__version__}")
+
+    spec = DatasetSpec(name="pretrain", n_systems=args.systems, seq_len=1000, shard_size=1024)
+    generate_arrays(spec.replace(n_systems=64), seed=99)  # warm-up
+    arr, wall, cpu = _timed(lambda: generate_arrays(spec, seed=0))
+    n_tok = int((arr["bodies"] >= 0).sum())
+    vec_cpu, vec_wall = args.systems / cpu, args.systems / wall
+    print(f"vectorised pretrain: {args.systems} sequences ({n_tok / args.systems:.0f} tokens each) in {wall:.2f} s "
+          f"wall / {cpu:.2f} s CPU -> {vec_cpu:,.0f} seq/s/core (CPU), {vec_wall:,.0f} seq/s (wall), "
+          f"{1e6 / vec_cpu:.0f} us/seq")
+
+    rng = np.random.default_rng(0)
+    _, bwall, bcpu = _timed(lambda: [baseline_sequence(rng) for _ in range(args.baseline)])
+    base_cpu, base_wall = args.baseline / bcpu, args.baseline / bwall
+    print(f"scalar baseline:     {args.baseline} sequences in {bwall:.2f} s wall / {bcpu:.2f} s CPU -> "
+          f"{base_cpu:,.2f} seq/s/core (CPU), {1e3 / base_cpu:.1f} ms/seq (literature: ~160 ms/seq)")
+    print(f"speed-up per core: {vec_cpu / base_cpu:,.0f}x (CPU time), {vec_wall / base_wall:,.0f}x (wall); "
+          f"vs the literature's 160 ms/seq: {vec_cpu * 0.160:,.0f}x")
+    t10m = 1e7 / (vec_cpu * cores)
+    print(f"extrapolated 10M pretrain sequences on {cores} cores: {t10m / 60:.1f} min "
+          f"(baseline: {1e7 / (base_cpu * cores) / 3600:.1f} h)")
+
+    if args.write:
+        with tempfile.TemporaryDirectory() as d:
+            wspec = spec.replace(n_systems=min(args.systems, 2048))
+            _, wwall, wcpu = _timed(lambda: ensure_dataset(wspec, d, seed=0, workers=1, progress=False))
+            print(f"write to disk (1 worker, sha256, fsync): {wspec.n_systems / wwall:,.0f} seq/s wall, "
+                  f"{wspec.n_systems / wcpu:,.0f} seq/s/core CPU")
+
+    if args.nbody:
+        nspec = DatasetSpec(name="nbody", mode="nbody", n_systems=args.nbody, shard_size=args.nbody)
+        arr, nwall, ncpu = _timed(lambda: generate_arrays(nspec, seed=0))
+        err = arr["energy_error"]
+        print(f"nbody preset:        {args.nbody} sequences in {nwall:.1f} s wall / {ncpu:.1f} s CPU -> "
+              f"{args.nbody / ncpu:.2f} seq/s/core; energy error median {np.median(err):.1e}, "
+              f"max {err.max():.1e}, {np.mean(err > nspec.nbody['energy_tolerance']):.0%} above "
+              f"{nspec.nbody['energy_tolerance']:.0e}")
+
+
+if __name__ == "__main__":
+    main()
