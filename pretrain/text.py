@@ -242,13 +242,22 @@ class TextSplit:
                                 "need a larger corpus (more text, or a smaller text.val_fraction / seq_len)")
         return starts
 
-    def sample(self, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
-        """``n`` random windows of ``length`` tokens -> int64 ``[n, length]``."""
+    def draw(self, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
+        """``n`` random window starts as ``[n, 2]`` int64 rows ``(shard, offset)`` (reads nothing)."""
         starts = self._check(length)
         shard = rng.choice(len(self.shards), size=n, p=starts / starts.sum())
         offs = (rng.random(n) * starts[shard]).astype(np.int64)
-        return np.stack([np.asarray(self.shards[s][o:o + length], dtype=np.int64)
-                         for s, o in zip(shard, offs)]) if n else np.zeros((0, length), np.int64)
+        return np.stack([shard.astype(np.int64), offs], axis=1)
+
+    def read(self, where: np.ndarray, length: int) -> np.ndarray:
+        """Windows at ``where`` ``[n, 2]`` (from :meth:`draw`) -> int64 tokens ``[n, length]``."""
+        if len(where) == 0:
+            return np.zeros((0, length), np.int64)
+        return np.stack([np.asarray(self.shards[s][o:o + length], dtype=np.int64) for s, o in where])
+
+    def sample(self, rng: np.random.Generator, n: int, length: int) -> np.ndarray:
+        """``n`` random windows of ``length`` tokens -> int64 ``[n, length]``."""
+        return self.read(self.draw(rng, n, length), length)
 
     def windows(self, n: int, length: int) -> np.ndarray:
         """Up to ``n`` evenly spaced windows of ``length`` tokens (deterministic, for evaluation).

@@ -1,0 +1,186 @@
+"""Validation losses, length extrapolation (1x ... 16x the training context) and the pretraining plots.
+
+Length extrapolation (DESIGN.md ``results.json["pretrain"]["length_extrapolation"]``): the trained model's
+mean next-token loss on sequences ``factor x`` longer than its training context — orbits: fresh held-out
+systems of the same distribution simulated at the longest length with
+:func:`gravprobe.orbits.generate_arrays` (a different seed from training) and truncated to each length;
+text: evenly spaced windows of the validation split. Losses are token-weighted means over all target
+positions of the sequence (nats; per coordinate for discrete orbits, like training).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import orbit_inputs
+from .model import GPT
+
+log = logging.getLogger(__name__)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.type == "cuda") \
+        else contextlib.nullcontext()
+
+
+def _n_targets(model: GPT, seq: np.ndarray, modality: str) -> int:
+    if modality == "text":
+        return seq.shape[0] * (seq.shape[1] - 1)
+    tgt = seq[:, 1:]
+    if model.cfg.orbit_mode == "discrete":
+        return int((tgt[..., 0] != model.cfg.orbit_pad).sum())
+    return int(np.isfinite(tgt).all(-1).sum())
+
+
+@torch.no_grad()
+def mean_loss(model: GPT, batches: Sequence[np.ndarray], modality: str, device: torch.device,
+              bf16: bool = False) -> float:
+    """Token-weighted mean loss of ``model`` over ``batches`` (each ``[b, L + 1, 2]`` orbits or ``[b, L + 1]``
+    text). Returns NaN when there is nothing to score."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for seq in batches:
+            n = _n_targets(model, seq, modality)
+            if n == 0:
+                continue
+            x = torch.from_numpy(np.ascontiguousarray(seq)).to(device)
+            with _autocast(device, bf16):
+                loss = model(**{modality: x})[modality]
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")
+
+
+def length_extrapolation(model: GPT, *, factors: Sequence[int], orbit_len: int | None, text_len: int | None,
+                         spec: Any = None, seed: int = 0, n_systems: int = 16, text_split: Any = None,
+                         n_windows: int = 16, batch_size: int = 4, device: torch.device | str = "cpu",
+                         bf16: bool = False) -> dict[str, dict[str, float | None]]:
+    """Validation loss at ``factor x`` the training context -> ``{"orbits": {"1": loss, ...}, "text": {...}}``.
+
+    ``spec``: the training :class:`gravprobe.orbits.DatasetSpec`; held-out systems are simulated from a copy
+    with ``seq_len = max(factors) * orbit_len + 1`` and ``n_systems`` systems under ``seed`` (pass one that
+    training never used). ``text_split``: the validation :class:`~gravprobe.pretrain.text.TextSplit`.
+    A modality is left out when its length/source is ``None``; a factor beyond a learned-position model's
+    context gives ``None``.
+    """
+    device = torch.device(device)
+    factors = [int(f) for f in factors]
+    out: dict[str, dict[str, float | None]] = {}
+    limit = model.cfg.block_size if model.cfg.position == "learned" else None
+    if not factors:
+        return out
+
+    def run(modality: str, length: int, make) -> dict[str, float | None]:
+        res: dict[str, float | None] = {}
+        for f in factors:
+            L = f * length
+            if limit is not None and L > limit:
+                log.info("length extrapolation: %s at %dx (%d tokens) exceeds the learned-position context %d",
+                         modality, f, L, limit)
+                res[str(f)] = None
+                continue
+            seqs = make(L + 1)
+            res[str(f)] = mean_loss(model, [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)],
+                                    modality, device, bf16)
+            log.info("length extrapolation: %s %2dx (%d tokens): loss %.4f", modality, f, L, res[str(f)])
+        return res
+
+    if orbit_len and spec is not None and model.cfg.orbit_vocab:
+        from gravprobe.orbits import generate_arrays
+
+        long_spec = dataclasses.replace(spec, seq_len=max(factors) * orbit_len + 1, n_systems=n_systems)
+        log.info("length extrapolation: simulating %d held-out systems of %d tokens (seed %d)", n_systems,
+                 long_spec.seq_len, seed)
+        arrays = generate_arrays(long_spec, seed, 0, n_systems)
+        ids = np.arange(len(arrays["tokens"]))
+        out["orbits"] = run("orbits", orbit_len, lambda n: orbit_inputs(
+            arrays["tokens"], arrays.get("positions"), ids, n, spec.n_bins, model.cfg.orbit_mode))
+    if text_len and text_split is not None and model.cfg.text_vocab:
+        out["text"] = run("text", text_len, lambda n: text_split.windows(n_windows, n))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def plot_length_extrapolation(results: Mapping[str, Mapping[str, Any]], path: str | Path,
+                              title: str | None = None) -> Path:
+    """Loss vs length factor, one line per variant, one panel per modality.
+
+    ``results``: ``{variant: results_json["pretrain"]}`` (or any mapping holding ``"length_extrapolation"``,
+    or the ``length_extrapolation`` dict itself). Writes a PNG to ``path`` and returns it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = {name: r.get("length_extrapolation", r) for name, r in results.items()}
+    modalities = [m for m in ("orbits", "text") if any(m in t and t[m] for t in tables.values())]
+    if not modalities:
+        raise ValueError("no length-extrapolation numbers to plot")
+    fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 3.8), squeeze=False)
+    for ax, mod in zip(axes[0], modalities):
+        for name, t in tables.items():
+            pts = sorted((int(k), v) for k, v in (t.get(mod) or {}).items()
+                         if v is not None and math.isfinite(v))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("length / training context")
+        ax.set_ylabel("validation loss (nats/token)" if mod == "text" else "validation loss (nats/coordinate)")
+        ax.set_title(mod)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.csv`` written by training (step, split, modality, loss, lr, tokens, wall_s)."""
+    with open(path, newline="") as f:
+        return [{**r, "step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(f)]
+
+
+def plot_loss_curves(metrics_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
+    """Train and validation loss per modality against step, from ``metrics.csv``; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_csv)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for split, style in (("train", "-"), ("val", "o--")):
+        for mod in ("orbits", "text"):
+            pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and r["modality"] == mod]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{mod} ({split})", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
