@@ -9,7 +9,7 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from gravprobe import pipeline, report
 from gravprobe.common import update_results
@@ -58,10 +58,12 @@ class FakeStages:
         name = cfg.attention.name
         self.calls.append(f"{name}/probe")
         assert cfg.checkpoint == str(run_dir / "checkpoints" / "last.pt")
-        oracle = bool(OmegaConf.select(cfg, "probe.oracle", default=True))
+        oracle = bool(OmegaConf.select(cfg, "probe.oracle.enabled", default=True))
         self.oracle_flags[name] = oracle
-        update_results(run_dir, "probes", variant_results(name, cfg.seed, n_newton=5 if name == "lssar" else 0,
-                                                          with_oracle=oracle)["probes"])
+        probes = variant_results(name, cfg.seed, n_newton=5 if name == "lssar" else 0, with_oracle=oracle)["probes"]
+        if oracle:
+            probes["truth"] = probes["oracle"]
+        update_results(run_dir, "probes", probes)
         return {}
 
 
@@ -146,12 +148,24 @@ def test_full_run_then_reuse_then_partial_redo(monkeypatch, tmp_path):
 def test_oracle_runs_once(monkeypatch, tmp_path):
     fake = FakeStages(monkeypatch)
     cfg = make_cfg("experiment=smoke", "pipeline.report=false")
-    if OmegaConf.select(cfg, "probe.oracle", default=None) is None:
-        with open_dict(cfg):
-            cfg.probe.oracle = True
+    assert cfg.probe.oracle.enabled
     pipeline.main(cfg, tmp_path / "run")
     assert fake.oracle_flags == {"softmax": True, "lssa": False, "lssar": False}
     assert report.load(tmp_path / "run").oracle  # the report finds it in the first variant
+    assert cfg.probe.oracle.enabled  # the caller's config is untouched
+
+
+def test_probes_interrupted_before_the_oracle_are_redone(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch)
+    cfg = make_cfg("experiment=smoke", "pipeline.report=false")
+    run_dir = tmp_path / "run"
+    pipeline.main(cfg, run_dir)
+    res = json.loads((run_dir / "softmax" / "results.json").read_text())
+    res["probes"].pop("oracle")  # as the probe stage leaves it when killed after the model's galaxies
+    (run_dir / "softmax" / "results.json").write_text(json.dumps(res))
+    fake.calls.clear()
+    pipeline.main(cfg, run_dir)
+    assert fake.calls == ["generate", "softmax/probe"]
 
 
 def test_interrupted_run_resumes(monkeypatch, tmp_path):

@@ -46,7 +46,7 @@ STAGE_FUNCTIONS = {
     "probe": ("gravprobe.probes.pipeline", "main"),
 }
 #: config keys that may differ when a run folder is resumed (they do not change any result)
-RESUME_IGNORED_KEYS = ("stage", "workers", "device", "home", "out", "pipeline.report", "report")
+RESUME_IGNORED_KEYS = ("stage", "workers", "device", "home", "out", "pipeline.report", "report", "train.stop_at")
 
 
 class PipelineConfigError(ValueError):
@@ -195,28 +195,33 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
 
 
 def _probe_size_problems(cfg: DictConfig) -> list[str]:
-    """The probes' selection needs enough held-out planet steps in ``force_data`` (METHOD §4.3)."""
-    out = []
-    size = _get(cfg, "probe.selection.galaxy_size")
-    n_keep = _get(cfg, "probe.selection.n_keep")
-    if isinstance(size, int) and isinstance(n_keep, int) and size > n_keep:
-        out.append(f"probe.selection.galaxy_size={size} exceeds probe.selection.n_keep={n_keep} "
-                   "(a galaxy is drawn from the n_keep nearest held-out states)")
-    n_sys, seq_len = _get(cfg, "force_data.n_systems"), _get(cfg, "force_data.seq_len")
-    n_partial = _get(cfg, "force_data.n_partial")
-    per_partial = _get(cfg, "force_data.labels_per_partial", 2)
-    if all(isinstance(x, int) for x in (n_sys, seq_len, n_partial, size)):
-        if n_partial < 1 or n_partial > n_sys:
-            out.append(f"force_data.n_partial={n_partial} must be in 1..force_data.n_systems={n_sys} "
-                       "(the held-out sequences of METHOD §1.2)")
-        else:
-            # two-body: (seq_len - 1) / 2 planet steps per sequence, `per_partial` of them labelled
-            held = n_partial * max(0, (seq_len - 1) // 2 - int(per_partial or 0))
-            if held < size:
-                out.append(f"force_data gives about {held} held-out planet steps (n_partial={n_partial} × "
-                           f"({seq_len}-1)/2 steps − {per_partial} labels), fewer than one galaxy of "
-                           f"probe.selection.galaxy_size={size}; raise force_data.n_partial/seq_len or lower "
-                           "the galaxy size")
+    """The probes' selection (METHOD §4.3) needs held-out planet steps in ``force_data``: the sequences
+    from ``labelling.full_systems`` on are labelled at only ``partial_steps`` steps, the rest is held out."""
+    out: list[str] = []
+    fd = "force_data"
+    n_sys, seq_len = _get(cfg, f"{fd}.n_systems"), _get(cfg, f"{fd}.seq_len")
+    full, partial = _get(cfg, f"{fd}.labelling.full_systems"), _get(cfg, f"{fd}.labelling.partial_steps", 0)
+    planets = _get(cfg, f"{fd}.planets")
+    size, n_keep = _get(cfg, "probe.selection.galaxy_size"), _get(cfg, "probe.selection.n_keep")
+    if not all(isinstance(x, int) for x in (n_sys, seq_len)):
+        return out
+    if full is None or (isinstance(full, int) and full >= n_sys):
+        out.append(f"force_data.labelling.full_systems={full} leaves no partially labelled sequences among "
+                   f"force_data.n_systems={n_sys}, so nothing is held out for the probes; set it below n_systems "
+                   "(two_body_force: 9,000 of 10,000)")
+        return out
+    k_max = max(int(x) for x in planets) if planets else 1
+    steps = (seq_len - 1) // (k_max + 1)  # time steps per sequence: each planet, then the star
+    held = (n_sys - int(full)) * max(0, steps - int(partial or 0))
+    if isinstance(size, int):
+        if isinstance(n_keep, int) and size > n_keep:
+            out.append(f"probe.selection.galaxy_size={size} exceeds probe.selection.n_keep={n_keep} (a galaxy is "
+                       "drawn from the n_keep held-out states nearest to the training states)")
+        if held < size:
+            out.append(f"force_data holds about {held} held-out planet steps ({n_sys - int(full)} partially labelled "
+                       f"sequences × ({steps} steps − {partial} labelled)), fewer than one galaxy of "
+                       f"probe.selection.galaxy_size={size}; raise force_data.n_systems / seq_len, lower "
+                       "force_data.labelling.full_systems, or lower the galaxy size")
     return out
 
 
@@ -262,7 +267,9 @@ def _check_same_run(resolved: dict, run_dir: Path) -> bool:
     return True
 
 
-def _complete(vdir: Path, section: str) -> bool:
+def _complete(vdir: Path, section: str, vcfg: DictConfig | None = None) -> bool:
+    """Whether ``vdir/results.json`` holds a finished ``section`` (a stage may save partial results:
+    the probes save the model's galaxies before the oracle's, so the oracle's are checked too)."""
     res_path = vdir / "results.json"
     if not res_path.exists():
         return False
@@ -275,7 +282,17 @@ def _complete(vdir: Path, section: str) -> bool:
     if section == "pretrain":
         return (vdir / "checkpoints" / "last.pt").exists()
     if section == "probes":
-        return bool(res["probes"].get("galaxies"))
+        pr = res["probes"]
+        sel = lambda key, default: (default if vcfg is None  # noqa: E731
+                                    else OmegaConf.select(vcfg, key, default=default))
+        if sel("probe.head.enabled", True) and not pr.get("galaxies"):
+            return False
+        if sel("probe.oracle.enabled", False) and not (pr.get("oracle") or {}).get("galaxies"):
+            return False
+        if (sel("probe.oracle.enabled", False) and sel("probe.oracle.truth_control", False)
+                and not (pr.get("truth") or {}).get("galaxies")):
+            return False
+        return bool(pr.get("galaxies") or (pr.get("oracle") or {}).get("galaxies"))
     return True
 
 
@@ -314,41 +331,17 @@ def main(cfg: DictConfig, run_dir: Path) -> dict:
     resumed = _check_same_run(resolved, run_dir)
     log.info("%s run in %s: variants %s", "resuming" if resumed else "starting", run_dir, ", ".join(variants))
     log.info("if interrupted, resume with: %s", _resume_command(run_dir))
+    previous = (_read_results(run_dir).get("pipeline") or {}) if resumed else {}
     update_results(run_dir, "config", resolved)
+    # timings of stages finished by an earlier invocation are kept (a reused stage costs nothing now)
     state: dict[str, Any] = {"variants": variants, "datasets": {}, "oracle_variant": variants[0],
-                             "stages": {}, "timings_s": {}, "complete": False}
+                             "stages": {}, "timings_s": dict(previous.get("timings_s") or {}), "complete": False}
 
     def save() -> None:
         update_results(run_dir, "pipeline", state)
 
     try:
-        with _timed(state["timings_s"], "generate"):
-            state["datasets"] = ensure_datasets(cfg)
-        state["stages"]["generate"] = "done"
-        save()
-        for i, name in enumerate(variants):
-            vdir = run_dir / name
-            vdir.mkdir(parents=True, exist_ok=True)
-            vcfg = variant_config(cfg, name)
-            with open_dict(vcfg):
-                vcfg.checkpoint = str(vdir / "checkpoints" / "last.pt")
-                if OmegaConf.select(vcfg, "probe.oracle", default=None) is not None:
-                    vcfg.probe.oracle = bool(vcfg.probe.oracle) and i == 0  # the oracle once, not per variant
-            atomic_write_bytes(vdir / "config.yaml", OmegaConf.to_yaml(vcfg, resolve=True).encode())
-            for stage, section in (("pretrain", "pretrain"), ("probe", "probes")):
-                key = f"{name}/{stage}"
-                if _complete(vdir, section):
-                    log.info("%s: complete in %s, reused", key, vdir)
-                    state["stages"][key] = "reused"
-                    continue
-                log.info("%s ...", key)
-                with _timed(state["timings_s"], key):
-                    _stage(stage)(vcfg, vdir)
-                if not _complete(vdir, section):
-                    raise RuntimeError(f"{key} returned without writing '{section}' into {vdir}/results.json")
-                state["stages"][key] = "done"
-                save()
-        state["complete"] = True
+        state["complete"] = _run_stages(cfg, run_dir, variants, state, save)
         save()
     except KeyboardInterrupt:
         log.warning("interrupted; resume with: %s", _resume_command(run_dir))
@@ -360,5 +353,48 @@ def main(cfg: DictConfig, run_dir: Path) -> dict:
         out = report_dir(run_dir)
         state["stages"]["report"] = "done"
         save()
-        log.info("report: %s", out)
+        log.info("report%s: %s", "" if state["complete"] else " (incomplete run)", out)
     return state
+
+
+def _read_results(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, variants: list[str], state: dict, save: Callable[[], None]) -> bool:
+    """generate, then per variant pretrain and probe; False when a planned stop (train.stop_at) ended early."""
+    with _timed(state["timings_s"], "generate"):
+        state["datasets"] = ensure_datasets(cfg)
+    state["stages"]["generate"] = "done"
+    save()
+    for i, name in enumerate(variants):
+        vdir = run_dir / name
+        vdir.mkdir(parents=True, exist_ok=True)
+        vcfg = variant_config(cfg, name)
+        with open_dict(vcfg):
+            vcfg.checkpoint = str(vdir / "checkpoints" / "last.pt")
+            if i > 0 and OmegaConf.select(vcfg, "probe.oracle.enabled", default=None) is not None:
+                vcfg.probe.oracle.enabled = False  # the oracle does not depend on the model: once
+        atomic_write_bytes(vdir / "config.yaml", OmegaConf.to_yaml(vcfg, resolve=True).encode())
+        for stage, section in (("pretrain", "pretrain"), ("probe", "probes")):
+            key = f"{name}/{stage}"
+            if _complete(vdir, section, vcfg):
+                log.info("%s: complete in %s, reused", key, vdir)
+                state["stages"][key] = "reused"
+                continue
+            log.info("%s ...", key)
+            with _timed(state["timings_s"], key):
+                out = _stage(stage)(vcfg, vdir) or {}
+            if out.get("stopped"):  # train.stop_at: a planned stop, resumed by the same command later
+                state["stages"][key] = f"stopped at step {out.get('steps')}"
+                save()
+                log.info("%s stopped as asked (train.stop_at); resume with: %s", key, _resume_command(run_dir))
+                return False
+            if not _complete(vdir, section, vcfg):
+                raise RuntimeError(f"{key} returned without writing '{section}' into {vdir}/results.json")
+            state["stages"][key] = "done"
+            save()
+    return True

@@ -123,6 +123,15 @@ class RunResult:
         return []
 
     @property
+    def truth(self) -> list[dict]:
+        """The noisy-truth control's galaxies (true |F| with small noise through the same regression)."""
+        for v in self.variants.values():
+            gals = (((v.probes or {}).get("truth") or {}).get("galaxies")) or []
+            if gals:
+                return list(gals)
+        return []
+
+    @property
     def problems(self) -> list[str]:
         out = list(self.missing)
         for v in self.variants.values():
@@ -329,7 +338,8 @@ def equations_table(result: RunResult | SweepResult) -> list[dict]:
     runs = result.runs if isinstance(result, SweepResult) else [result]
     rows = []
     for run in runs:
-        groups = [(name, v.galaxies) for name, v in run.variants.items()] + [("oracle", run.oracle)]
+        groups = [(name, v.galaxies) for name, v in run.variants.items()] + [("oracle", run.oracle),
+                                                                              ("truth", run.truth)]
         for model, gals in groups:
             for i, g in enumerate(gals):
                 ex = g.get("exponents") or {}
@@ -393,10 +403,13 @@ def aggregate(sweep: SweepResult | RunResult) -> dict[str, dict]:
         agg["galaxies"] = sum(n for _, n in counts)
         agg["newtonian_per_run"] = _mean_spread([c for c, _ in counts])
         out[name] = agg
-    oracle = [run.oracle for run in runs if run.oracle]
-    out["oracle"] = {"runs": len(oracle), "newtonian": sum(bool(g.get("newtonian")) for o in oracle for g in o),
-                     "galaxies": sum(len(o) for o in oracle),
-                     "newtonian_per_run": _mean_spread([sum(bool(g.get("newtonian")) for g in o) for o in oracle])}
+    for control in ("oracle", "truth"):
+        gals = [getattr(run, control) for run in runs if getattr(run, control)]
+        if control == "truth" and not gals:
+            continue
+        out[control] = {"runs": len(gals), "newtonian": sum(bool(g.get("newtonian")) for o in gals for g in o),
+                        "galaxies": sum(len(o) for o in gals),
+                        "newtonian_per_run": _mean_spread([sum(bool(g.get("newtonian")) for g in o) for o in gals])}
     return out
 
 
@@ -585,7 +598,7 @@ def loss_series(result: "RunResult | SweepResult") -> tuple[dict[str, dict], dic
     series: dict[str, dict] = {}
     errors: dict[str, dict] = {}
     for n, a in agg.items():
-        if n == "oracle":
+        if n in ("oracle", "truth"):
             continue
         for key, st in a.items():
             if key.startswith("extrapolation/") and isinstance(st, dict) and st.get("mean") is not None:
@@ -708,6 +721,12 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
             md += [f"**oracle** (2-NN on the true state) — newtonian in {n_ok} of {len(run.oracle)} galaxies", ""]
             md += _md_table(GALAXY_HEADER, _galaxy_rows(run.oracle))
             md.append("")
+        if run.truth:
+            n_ok = sum(bool(g.get("newtonian")) for g in run.truth)
+            md += [f"**truth** (true |F| with noise, the regression's own control) — newtonian in {n_ok} of "
+                   f"{len(run.truth)} galaxies", ""]
+            md += _md_table(GALAXY_HEADER, _galaxy_rows(run.truth))
+            md.append("")
     preds = {n: force_predictions(v.dir) for n, v in run.variants.items() if v.dir.is_dir()}
     png = save_figure(fig_force_predictions({n: p for n, p in preds.items() if p}),
                       fig_dir / "force_pred_vs_true.png")
@@ -768,7 +787,8 @@ def _varying_overrides(runs: list[RunResult]) -> list[str]:
 def render_sweep(sweep: SweepResult) -> str:
     base = sweep.dir
     agg = aggregate(sweep)
-    variants = [n for n in agg if n != "oracle"]
+    controls = [c for c in ("oracle", "truth") if c in agg]
+    variants = [n for n in agg if n not in controls]
     md = [f"# gravprobe sweep report: {sweep.dir.name}", "",
           f"{len(sweep.runs)} runs; variants: {', '.join(variants) or '—'}; "
           f"swept: {', '.join(_varying_overrides(sweep.runs)) or '—'}.", ""]
@@ -783,7 +803,7 @@ def render_sweep(sweep: SweepResult) -> str:
     md += ["## Newton's law recovered (galaxies × seeds)", ""]
     md += _md_table(["model", "newtonian", "galaxies", "per run (mean ± sd)", "runs"],
                     [[n, agg[n]["newtonian"], agg[n]["galaxies"], _pm(agg[n]["newtonian_per_run"]), agg[n]["runs"]]
-                     for n in [*variants, "oracle"]])
+                     for n in [*variants, *controls]])
     md.append("")
     png = plot_newtonian_counts(agg, base / "figures" / "newtonian_counts.png")
     if png:
