@@ -1,0 +1,273 @@
+"""Speed and memory of the attention variants: fused Triton kernels vs PyTorch SDPA vs the eager reference.
+
+Run the correctness tests first (``pytest tests/test_kernels.py``, and ``-m gpu`` on a GPU): the numbers
+mean nothing for a kernel that is wrong. On a GPU the script also re-checks the kernels against the
+reference at one small shape before it times anything, and refuses to report if they disagree.
+
+GPU (default when CUDA is present)::
+
+    python benchmarks/bench_attention.py                     # T = 1K..16K, D = 64, bf16, 32K tokens/batch
+    python benchmarks/bench_attention.py --seq-lens 1024 4096 --variants lssar --json out.json
+
+  For each T: B = tokens // T, H = --heads; forward and forward+backward time (median of CUDA-event
+  timings), effective TFLOP/s and peak memory of ``sdpa`` (``F.scaled_dot_product_attention``, causal,
+  flash backend), ``kernel:<variant>`` (``gravprobe.kernels.fused_attention``) and ``eager:<variant>``
+  (``gravprobe.attention.reference_attention``, which materialises T×T and runs out of memory first);
+  ratios vs SDPA. FLOPs use the FlashAttention convention for causal attention, whatever the variant:
+  forward 2·B·H·T²·D (two T×T×D products, half of them masked), backward 2.5 × forward — so the TFLOP/s
+  of different variants compare their speed at the same useful work.
+
+CPU (``--device cpu``, the default without CUDA)::
+
+    python benchmarks/bench_attention.py --device cpu
+
+  The reference variants vs SDPA at the model's training shapes (B=8, T=256, H=4, D=32 and
+  B=2, T=1000, H=4, D=32, float32), forward and forward+backward wall time. The Triton kernels are not
+  timed on the CPU (the interpreter is a debugging tool, orders of magnitude slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gravprobe.attention import reference_attention
+
+DEFAULT_VARIANTS = ("softplus", "lssa", "lssar")
+CPU_SHAPES = ((8, 256, 4, 32), (2, 1000, 4, 32))
+
+
+def _sdpa(q, k, v):
+    # SDPA takes [B, H, T, D]; the project's layout is [B, T, H, D]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def _implementations(variants, device):
+    impls = {"sdpa": _sdpa}
+    if device == "cuda":
+        from gravprobe.kernels import fused_attention
+
+        for variant in variants:
+            impls[f"kernel:{variant}"] = (lambda v_: lambda q, k, v: fused_attention(q, k, v, v_))(variant)
+    for variant in variants:
+        impls[f"eager:{variant}"] = (lambda v_: lambda q, k, v: reference_attention(q, k, v, v_))(variant)
+    return impls
+
+
+def _flops(B, T, H, D, backward):
+    fwd = 4.0 * B * H * T * T * D / 2.0
+    return fwd * (3.5 if backward else 1.0)
+
+
+def _time_cuda(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _time_cpu(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(impl, B, T, H, D, dtype, device, backward, warmup, repeats):
+    """(seconds, peak bytes above the inputs or None) of one forward (+ backward) call; None on OOM."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, H, D, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+    if backward:
+        for t in (q, k, v):
+            t.requires_grad_()
+
+    def step():
+        out = impl(q, k, v)
+        if backward:
+            torch.autograd.grad(out, (q, k, v), do)
+
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+            seconds = _time_cuda(step, warmup, repeats)
+        else:
+            peak = None
+            seconds = _time_cpu(step, warmup, repeats)
+    except torch.OutOfMemoryError:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return None, None
+    return seconds, peak
+
+
+def _check_kernels(variants, dtype):
+    """Kernel vs reference at one small shape; raises if any variant disagrees (tests should have run)."""
+    from gravprobe.kernels import fused_attention
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    q, k, v = (torch.randn(2, 256, 4, 64, generator=gen).cuda() for _ in range(3))
+    for variant in variants:
+        ref = reference_attention(q, k, v, variant)
+        out = fused_attention(q.to(dtype), k.to(dtype), v.to(dtype), variant).float()
+        err = ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+        if not err < 3e-2:
+            raise SystemExit(f"kernel {variant} disagrees with the reference (relative RMS {err:.3g}); "
+                             f"run pytest -m gpu tests/test_kernels.py")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import triton  # noqa: PLC0415
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),  # other work on the machine skews CPU timings
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _fmt(x, spec="{:.2f}"):
+    return "OOM" if x is None else spec.format(x)
+
+
+def run_gpu(args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    _check_kernels(args.variants, dtype)
+    impls = _implementations(args.variants, "cuda")
+    rows = []
+    for T in args.seq_lens:
+        B = max(1, args.tokens // T)
+        for name, impl in impls.items():
+            row = {"T": T, "B": B, "H": args.heads, "D": args.head_dim, "impl": name}
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                sec, peak = _measure(impl, B, T, args.heads, args.head_dim, dtype, "cuda", backward,
+                                     args.warmup, args.repeats)
+                row[f"{mode}_ms"] = None if sec is None else sec * 1e3
+                row[f"{mode}_tflops"] = None if sec is None else _flops(B, T, args.heads, args.head_dim,
+                                                                        backward) / sec / 1e12
+                row[f"{mode}_peak_mib"] = None if peak is None else peak / 2**20
+            rows.append(row)
+            print(f"T={T:6d} B={B:3d} {name:16s} fwd {_fmt(row['fwd_ms']):>9} ms  "
+                  f"fwd+bwd {_fmt(row['fwd_bwd_ms']):>9} ms  peak {_fmt(row['fwd_bwd_peak_mib'], '{:.0f}'):>7} MiB",
+                  file=sys.stderr)
+    return rows
+
+
+def run_cpu(args) -> list[dict]:
+    impls = _implementations(args.variants, "cpu")
+    rows = []
+    for B, T, H, D in CPU_SHAPES:
+        for name, impl in impls.items():
+            row = {"T": T, "B": B, "H": H, "D": D, "impl": name}
+            for mode, backward in (("fwd", False), ("fwd_bwd", True)):
+                sec, _ = _measure(impl, B, T, H, D, torch.float32, "cpu", backward, args.warmup, args.repeats)
+                row[f"{mode}_ms"] = sec * 1e3
+            rows.append(row)
+            print(f"B={B} T={T} H={H} D={D} {name:16s} fwd {row['fwd_ms']:8.2f} ms  "
+                  f"fwd+bwd {row['fwd_bwd_ms']:8.2f} ms", file=sys.stderr)
+    return rows
+
+
+def markdown(rows: list[dict], gpu: bool) -> str:
+    """A markdown table with ratios vs SDPA at the same shape."""
+    sdpa = {(r["B"], r["T"]): r for r in rows if r["impl"] == "sdpa"}
+    head = "| B | T | H | D | impl | fwd ms | fwd+bwd ms | fwd ×SDPA | fwd+bwd ×SDPA |"
+    if gpu:
+        head += " fwd TFLOP/s | fwd+bwd TFLOP/s | peak MiB (fwd+bwd) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def ratio(a, b):
+        return "—" if a is None or b is None else f"{a / b:.2f}"
+
+    num = _fmt
+
+    for r in rows:
+        ref = sdpa.get((r["B"], r["T"]), {})
+        line = (f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['impl']} | {num(r['fwd_ms'])} | "
+                f"{num(r['fwd_bwd_ms'])} | {ratio(r['fwd_ms'], ref.get('fwd_ms'))} | "
+                f"{ratio(r['fwd_bwd_ms'], ref.get('fwd_bwd_ms'))} |")
+        if gpu:
+            line += (f" {num(r['fwd_tflops'])} | {num(r['fwd_bwd_tflops'])} | "
+                     f"{num(r['fwd_bwd_peak_mib'], '{:.0f}')} |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=DEFAULT_VARIANTS)
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per batch on the GPU (B = tokens // T)")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--warmup", type=int, default=None, help="default: 5 on GPU, 1 on CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 20 on GPU, 5 on CPU")
+    parser.add_argument("--json", default=None, help="also write the rows and the environment here")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    gpu = device == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.repeats = args.repeats if args.repeats is not None else (20 if gpu else 5)
+
+    env = environment()
+    rows = run_gpu(args) if gpu else run_cpu(args)
+    print(f"\n{json.dumps(env)}\n")
+    print(markdown(rows, gpu))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": env, "device": device, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
