@@ -160,10 +160,11 @@ class GPT(nn.Module):
         return self.cfg.n_layers
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; ``non_embedding`` leaves out input embeddings (the tied text head counts once)."""
+        """Parameter count; ``non_embedding`` leaves out the vocabulary-sized input embeddings and output heads
+        and the learned positions (i.e. counts the trunk). The tied text head counts once."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            for name in ("text_emb", "orbit_emb_x", "orbit_emb_y", "pos_emb"):
+            for name in ("text_emb", "orbit_emb_x", "orbit_emb_y", "orbit_head_x", "orbit_head_y", "pos_emb"):
                 m = getattr(self, name, None)
                 if m is not None:
                     n -= m.weight.numel()
