@@ -122,7 +122,7 @@ def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if i % 20 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     model.eval()

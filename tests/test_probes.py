@@ -147,16 +147,23 @@ def test_force_head_learns_on_labelled_steps_only(ds):
     train_sys = np.arange(0, N_SYS)
     partial = np.arange(FULL, N_SYS)
     qmask = (ds.bodies[partial] >= 1) & ~ds.labelled[partial]
-    cfg = OmegaConf.create({"protocol": "magnitude", "lr": 3e-3, "steps": 60, "batch_size": 8, "warmup": 5})
+    cfg = OmegaConf.create({"protocol": "magnitude", "lr": 3e-3, "steps": 10, "batch_size": 4, "warmup": 2})
     res = finetune_force_head(model, ds, train_sys, partial, qmask, cfg, seed=0)
     assert res.pred_magnitude.shape == (qmask.sum(),) and (res.pred_magnitude > 0).all()
-    assert np.mean(res.losses[-10:]) < 0.7 * np.mean(res.losses[:5])  # it learns
+    assert len(res.losses) == 10 and np.isfinite(res.losses).all()
+    # gradients reach head and trunk: it fits (memorises) four fully labelled sequences
+    fit = finetune_force_head(tiny_model(1), ds, np.arange(4), partial[:1], qmask[:1],
+                              OmegaConf.merge(cfg, {"steps": 40, "warmup": 5}), seed=0)
+    assert np.mean(fit.losses[-5:]) < 0.5 * np.mean(fit.losses[:3])
 
     # labels are the only supervision: scrambling unlabelled forces changes nothing
     ds2 = types.SimpleNamespace(**vars(ds))
     ds2.forces = np.where(ds.labelled[..., None], ds.forces, 123.0).astype(ds.forces.dtype)
-    res2 = finetune_force_head(tiny_model(1), ds2, train_sys, partial, qmask, cfg, seed=0)
-    np.testing.assert_allclose(res.losses, res2.losses, rtol=1e-5)
+    short = OmegaConf.merge(cfg, {"steps": 5})
+    a = finetune_force_head(tiny_model(1), ds, train_sys, partial[:2], qmask[:2], short, seed=0)
+    b = finetune_force_head(tiny_model(1), ds2, train_sys, partial[:2], qmask[:2], short, seed=0)
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+    np.testing.assert_allclose(a.pred_magnitude, b.pred_magnitude, rtol=1e-5)
     with pytest.raises(ValueError, match="protocol"):
         finetune_force_head(model, ds, train_sys, partial, qmask, OmegaConf.create({"protocol": "torque"}))
 
