@@ -35,9 +35,11 @@ from gravprobe.orbits.physics import kepler_drift_universal
 def test_solve_kepler_residual_and_range():
     rng = np.random.default_rng(0)
     M = rng.uniform(-50, 50, 100_000)
-    e = np.concatenate([rng.uniform(0, 0.999, 99_000), np.full(1000, 0.9999)])
+    e = np.concatenate([rng.uniform(0, 0.999, 98_000), np.full(1000, 0.9999), np.full(1000, 0.9999999)])
     E = solve_kepler(M, e)
-    assert np.max(np.abs(E - e * np.sin(E) - M)) < 1e-11
+    assert np.max(np.abs(E - e * np.sin(E) - M)) < 1e-13
+    # circular orbits: E = M exactly
+    assert np.allclose(solve_kepler(M[:10], 0.0), M[:10], atol=1e-14)
     assert np.max(np.abs(E - M)) <= 1.0 + 1e-12  # |E - M| = e |sin E| < 1
 
 
