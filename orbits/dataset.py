@@ -399,19 +399,20 @@ _CHUNK_TOKENS = 16384
 
 
 def build_sequences(spec: DatasetSpec, params: SystemParams, *, index: np.ndarray | None = None,
-                    seed: int = 0, block: int = 0, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                    seed: int = 0, block: int = 0, rows: np.ndarray | None = None,
+                    out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Simulate and tokenise the systems ``params`` (S of them) into the arrays of the module docstring.
 
     ``index`` are the systems' global indices (for the labelling scheme), ``seed``/``block``/``rows``
-    select the label random stream (rows within the block).
+    select the label random stream (rows within the block). ``out``: arrays to fill (``[S, ...]``, e.g.
+    buffers reused across shards, which saves the page faults of fresh memory).
     """
     S = len(params.m_star)
     index = np.arange(S) if index is None else np.asarray(index)
     rows = np.arange(S) if rows is None else np.asarray(rows)
     chunk = S if spec.mode == "nbody" else max(1, _CHUNK_TOKENS // spec.seq_len)
-    if S <= chunk:
+    if S <= chunk and out is None:
         return _build_chunk(spec, params, index, seed, block, rows)
-    out = None
     for lo in range(0, S, chunk):
         sl = slice(lo, min(S, lo + chunk))
         part = _build_chunk(spec, params.take(sl), index[sl], seed, block, rows[sl])
@@ -419,6 +420,28 @@ def build_sequences(spec: DatasetSpec, params: SystemParams, *, index: np.ndarra
             out = {k: np.empty((S,) + v.shape[1:], v.dtype) for k, v in part.items()}
         for k, v in part.items():
             out[k][sl] = v
+    return out
+
+
+_BUFFERS: dict = {}
+
+
+def _shard_buffers(spec: DatasetSpec, S: int) -> dict[str, np.ndarray]:
+    """Per-process output buffers for a shard of S systems, reused from shard to shard."""
+    T = spec.seq_len
+    shapes = {"tokens": ((S, T, 2), spec.tokenizer.dtype), "positions": ((S, T, 2), np.float32),
+              "states": ((S, T, 6), np.float32), "forces": ((S, T, 2), np.float32), "labelled": ((S, T), bool),
+              "bodies": ((S, T), np.int8), "dt": ((S,), np.float64), "n_bodies": ((S,), np.int8),
+              "energy_error": ((S,), np.float32)}
+    out = {}
+    for name, (shape, dtype) in shapes.items():
+        key = (name, shape, np.dtype(dtype).str)
+        if key not in _BUFFERS:
+            _BUFFERS[key] = np.empty(shape, dtype)
+        out[name] = _BUFFERS[key]
+    if len(_BUFFERS) > 4 * len(shapes):  # keep at most a few shapes alive
+        for key in list(_BUFFERS)[: len(_BUFFERS) - 2 * len(shapes)]:
+            del _BUFFERS[key]
     return out
 
 
@@ -515,7 +538,9 @@ def _write_shard(spec_dict: dict, seed: int, k: int, out: str) -> dict:
 
     spec = DatasetSpec.from_config(spec_dict)
     start, stop = spec.shard_range(k)
-    arrays = generate_arrays(spec, seed, start, stop - start)
+    rows = np.arange(stop - start)
+    arrays = build_sequences(spec, _block_params(spec, seed, k).take(rows), index=np.arange(start, stop),
+                             seed=seed, block=k, rows=rows, out=_shard_buffers(spec, stop - start))
     out = Path(out)
     final = out / _shard_name(k)
     tmp = out / f".tmp-{_shard_name(k)}-{os.getpid()}"
@@ -523,12 +548,12 @@ def _write_shard(spec_dict: dict, seed: int, k: int, out: str) -> dict:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     files = {}
+    # no fsync: a crash can leave a shard that is renamed but not on disk, which the checksum
+    # verification on resume (and load_dataset(verify=True)) detects and regenerates
     for name in ARRAYS:
         f = tmp / f"{name}.npy"
         with open(f, "wb") as fh:
             np.save(fh, np.ascontiguousarray(arrays[name]))
-            fh.flush()
-            os.fsync(fh.fileno())
         files[name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f), "dtype": str(arrays[name].dtype),
                        "shape": list(arrays[name].shape)}
     if final.exists():
