@@ -84,7 +84,13 @@ def _scalars(variant: str, head_dim: int, sharpen_power: float, offset: float, o
         offset_until=int(offset_until),
         LENGTH_SCALE=length_scale,
         LSSAR=variant == "lssar",
+        # integer powers 1..63 compile to repeated squaring (one specialisation per power)
+        POWER_INT=_integer_power(sharpen_power) if variant == "lssar" else 0,
     )
+
+
+def _integer_power(p: float) -> int:
+    return int(p) if float(p).is_integer() and 1 <= p <= 63 else 0
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -34,26 +34,53 @@ import triton
 import triton.language as tl
 
 
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _log1p_small(y):
+    """log(1 + y) for y ∈ [0, 1] to float32 accuracy without libdevice (the interpreter cannot run it):
+    a degree-7 series below 0.1 (where rounding 1 + y would lose digits), log2(1 + y) above."""
+    series = y * (1.0 + y * (-0.5 + y * (1.0 / 3.0 + y * (-0.25 + y * (0.2 + y * (-1.0 / 6.0 + y / 7.0))))))
+    return tl.where(y < 0.1, series, tl.log2(1.0 + y) * LN2)
+
+
 @triton.jit
 def _softplus(x):
-    # log(1 + e^x) written without libdevice (the interpreter cannot run libdevice):
-    # max(x, 0) + log1p(e^-|x|), with log1p(y) = log(1+y)·y/((1+y)−1) (Goldberg), exact to a few ulp.
-    y = tl.exp(-tl.abs(x))
-    z = 1.0 + y
-    zm1 = z - 1.0
-    lp = tl.where(zm1 == 0.0, y, tl.log(z) * (y / tl.where(zm1 == 0.0, 1.0, zm1)))
-    return tl.maximum(x, 0.0) + lp
+    # max(x, 0) + log1p(e^−|x|): no overflow for any x, float32-accurate also for x ≪ 0 (where it is e^x)
+    return tl.maximum(x, 0.0) + _log1p_small(tl.exp2(-tl.abs(x) * LOG2E))
+
+
+@triton.jit
+def _softplus_sigmoid(x):
+    """(softplus(x), sigmoid(x) = softplus′(x)) sharing one exponential."""
+    y = tl.exp2(-tl.abs(x) * LOG2E)
+    r = 1.0 / (1.0 + y)
+    return tl.maximum(x, 0.0) + _log1p_small(y), tl.where(x >= 0.0, r, y * r)
 
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    y = tl.exp2(-tl.abs(x) * LOG2E)
+    r = 1.0 / (1.0 + y)
+    return tl.where(x >= 0.0, r, y * r)
 
 
 @triton.jit
-def _pow_pos(x, power):
-    # x ** power for x ≥ 0 (x = 0 → 0; power > 0), without libdevice.pow.
-    return tl.where(x > 0.0, tl.exp2(power * tl.log2(tl.where(x > 0.0, x, 1.0))), 0.0)
+def _pow_pos(x, power, POWER_INT: tl.constexpr):
+    """x ** power for x ≥ 0 (0 → 0 for power > 0). An integer power 1..63 (POWER_INT > 0, e.g. the default
+    15) is evaluated by repeated squaring — a few multiplies, no transcendental; others as exp2(p·log2 x)."""
+    if POWER_INT > 0:
+        result = tl.zeros_like(x) + 1.0
+        base = x
+        for bit in tl.static_range(6):
+            if (POWER_INT >> bit) & 1:
+                result = result * base
+            base = base * base
+        return result
+    else:
+        return tl.where(x > 0.0, tl.exp2(power * tl.log2(tl.where(x > 0.0, x, 1.0))), 0.0)
 
 
 @triton.jit
@@ -100,6 +127,7 @@ def _fwd_kernel(
     H, T, HEAD_DIM,
     scale, log_coef, power, offset, offset_until,
     CAUSAL: tl.constexpr, LENGTH_SCALE: tl.constexpr, LSSAR: tl.constexpr, NORM: tl.constexpr,
+    POWER_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -169,7 +197,7 @@ def _fwd_kernel(
                 s = s * tl.load(KS + pid_bh * T + offs_n, mask=offs_n < T, other=0.0)[None, :]
             ok = _valid(offs_m, offs_n, T, CAUSAL)
             x = tl.maximum(_softplus(s) * inv[:, None] - o_i[:, None], 0.0) * inv_rmax[:, None]
-            w = _pow_pos(x, power)
+            w = _pow_pos(x, power, POWER_INT)
             w = tl.where(uniform[:, None], 1.0, w)  # all weights 0: the limit is the uniform row
             w = tl.where(ok, w, 0.0)
             w_sum += tl.sum(w, axis=1)
@@ -184,14 +212,15 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _lssar_e(s, g, d_i, inv, o_i, inv_rmax, w_scale, power, uniform):
+def _lssar_e(s, g, d_i, inv, o_i, inv_rmax, w_scale, power, uniform, POWER_INT: tl.constexpr):
     """eᵢⱼ = ∂L/∂uᵢⱼ for lssar, uᵢⱼ = nᵢaᵢⱼ − oᵢ: p·xᵢⱼ^(p−1)·(gᵢⱼ − Dᵢ)/(Wᵢ·Mᵢ) with xᵢⱼ = ReLU(uᵢⱼ)/Mᵢ,
-    and 0 where uᵢⱼ ≤ 0 or the row is uniform. Row vectors broadcast along axis 1. Returns (f, e)."""
-    f = _softplus(s)
+    and 0 where uᵢⱼ ≤ 0 or the row is uniform. Row vectors broadcast along axis 1.
+    Returns (sigmoid(s), e)."""
+    f, sig = _softplus_sigmoid(s)
     x = tl.maximum(f * inv[:, None] - o_i[:, None], 0.0) * inv_rmax[:, None]
-    e = power * _pow_pos(x, power - 1.0) * (g - d_i[:, None]) * w_scale[:, None]
+    e = power * _pow_pos(x, power - 1.0, POWER_INT - 1) * (g - d_i[:, None]) * w_scale[:, None]
     e = tl.where((x > 0.0) & (uniform[:, None] == 0), e, 0.0)
-    return f, e
+    return sig, e
 
 
 @triton.jit
@@ -205,6 +234,7 @@ def _bwd_dq_kernel(
     H, T, HEAD_DIM,
     scale, log_coef, power, offset, offset_until,
     CAUSAL: tl.constexpr, LENGTH_SCALE: tl.constexpr, LSSAR: tl.constexpr, NORM: tl.constexpr,
+    POWER_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -265,8 +295,8 @@ def _bwd_dq_kernel(
             ok = _valid(offs_m, offs_n, T, CAUSAL)
             f = _softplus(s)
             x = tl.maximum(f * inv[:, None] - o_i[:, None], 0.0) * inv_rmax[:, None]
-            w = tl.where(ok, tl.where(uniform[:, None] != 0, 1.0, _pow_pos(x, power)), 0.0)
-            fh_ij = tl.where(ok & (x > 0.0) & (uniform[:, None] == 0), f * power * _pow_pos(x, power - 1.0), 0.0)
+            w = tl.where(ok, tl.where(uniform[:, None] != 0, 1.0, _pow_pos(x, power, POWER_INT)), 0.0)
+            fh_ij = tl.where(ok & (x > 0.0) & (uniform[:, None] == 0), f * power * _pow_pos(x, power - 1.0, POWER_INT - 1), 0.0)
             d_num += tl.sum(w * g, axis=1)
             fhg += tl.sum(fh_ij * g, axis=1)
             fh += tl.sum(fh_ij, axis=1)
@@ -285,8 +315,8 @@ def _bwd_dq_kernel(
                 s = s * ks[None, :]
             g = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ok = _valid(offs_m, offs_n, T, CAUSAL)
-            f, e = _lssar_e(s, g, d_i, inv, o_i, inv_rmax, w_scale, power, uniform)
-            ds = tl.where(ok, _sigmoid(s) * (e - e_sum[:, None]), 0.0)
+            sig, e = _lssar_e(s, g, d_i, inv, o_i, inv_rmax, w_scale, power, uniform, POWER_INT)
+            ds = tl.where(ok, sig * (e - e_sum[:, None]), 0.0)
             if NORM:
                 ds_s += tl.sum(ds * s, axis=1)
                 ds = ds * ks[None, :]
@@ -329,6 +359,7 @@ def _bwd_dkv_kernel(
     H, T, HEAD_DIM,
     scale, log_coef, power, offset, offset_until,
     CAUSAL: tl.constexpr, LENGTH_SCALE: tl.constexpr, LSSAR: tl.constexpr, NORM: tl.constexpr,
+    POWER_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -388,15 +419,17 @@ def _bwd_dkv_kernel(
             uniform = (r_max <= 0.0).to(tl.int32)
             inv = n_i / row_sum
             inv_rmax = 1.0 / tl.where(uniform != 0, 1.0, r_max)
-            x = tl.maximum(_softplus(s) * inv[None, :] - o_i[None, :], 0.0) * inv_rmax[None, :]
-            w = tl.where(uniform[None, :] != 0, 1.0, _pow_pos(x, power))
+            f, sig = _softplus_sigmoid(s)
+            x = tl.maximum(f * inv[None, :] - o_i[None, :], 0.0) * inv_rmax[None, :]
+            w = tl.where(uniform[None, :] != 0, 1.0, _pow_pos(x, power, POWER_INT))
             a = tl.where(ok, w / w_sum[None, :], 0.0)
-            e = power * _pow_pos(x, power - 1.0) * (g - d_i[None, :]) * (inv_rmax / w_sum)[None, :]
+            e = power * _pow_pos(x, power - 1.0, POWER_INT - 1) * (g - d_i[None, :]) * (inv_rmax / w_sum)[None, :]
             e = tl.where((x > 0.0) & (uniform[None, :] == 0), e, 0.0)
-            ds = tl.where(ok, _sigmoid(s) * (e - e_i[None, :]) * inv[None, :], 0.0)
+            ds = tl.where(ok, sig * (e - e_i[None, :]) * inv[None, :], 0.0)
         else:
-            a = tl.where(ok, _softplus(s) / row_sum[None, :], 0.0)
-            ds = tl.where(ok, _sigmoid(s) * (g - d_i[None, :]) / row_sum[None, :], 0.0)
+            f, sig = _softplus_sigmoid(s)
+            a = tl.where(ok, f / row_sum[None, :], 0.0)
+            ds = tl.where(ok, sig * (g - d_i[None, :]) / row_sum[None, :], 0.0)
         dv += tl.dot(a.to(do.dtype), do, input_precision=PRECISION)
         if NORM:
             ds_s += tl.sum(ds * s, axis=1)
