@@ -173,7 +173,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             wspec = spec.replace(n_systems=min(args.systems, 2048))
             _, wwall, wcpu = _timed(lambda: ensure_dataset(wspec, d, seed=0, workers=1, progress=False))
-            print(f"write to disk (1 worker, sha256, fsync): {wspec.n_systems / wwall:,.0f} seq/s wall, "
+            print(f"write to disk (1 worker, incl. .npy files + sha256): {wspec.n_systems / wwall:,.0f} seq/s wall, "
                   f"{wspec.n_systems / wcpu:,.0f} seq/s/core CPU")
 
     if args.nbody:

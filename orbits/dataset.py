@@ -113,18 +113,20 @@ class DatasetSpec:
         self.planets = tuple(int(x) for x in self.planets)
         self.priors = _floats(_deep_merge(json.loads(json.dumps(DEFAULT_PRIORS)), dict(self.priors or {})))
         lab = {"full_systems": None, "partial_steps": 2, **dict(self.labelling or {})}
-        self.labelling = {"full_systems": None if lab["full_systems"] is None else int(lab["full_systems"]),
-                          "partial_steps": lab["partial_steps"], **{k: v for k, v in lab.items()
-                                                                   if k not in ("full_systems", "partial_steps")}}
-        nb = {"steps_per_orbit": 20.0, "max_substeps": 256, "energy_tolerance": 1e-5, **dict(self.nbody or {})}
-        self.nbody = {**nb, "steps_per_orbit": float(nb["steps_per_orbit"]), "max_substeps": int(nb["max_substeps"]),
+        full = lab.pop("full_systems")
+        self.labelling = {"full_systems": None if full is None else int(full), **lab}
+        nb = {"steps_per_orbit": 20.0, "max_substeps": 256, "energy_tolerance": 1e-5,
+              **dict(self.nbody or {})}
+        self.nbody = {**nb, "steps_per_orbit": float(nb["steps_per_orbit"]),
+                      "max_substeps": int(nb["max_substeps"]),
                       "energy_tolerance": float(nb["energy_tolerance"])}
         self.coord_range = float(self.coord_range)
         self.dt = None if self.dt is None else float(self.dt)
         for k in ("n_systems", "seq_len", "n_bins", "shard_size"):
             setattr(self, k, int(getattr(self, k)))
         unknown = set(self.labelling) - {"full_systems", "partial_steps"}
-        unknown |= {f"nbody.{k}" for k in set(self.nbody) - {"steps_per_orbit", "max_substeps", "energy_tolerance"}}
+        unknown |= {f"nbody.{k}" for k in set(self.nbody)
+                    - {"steps_per_orbit", "max_substeps", "energy_tolerance"}}
         if unknown:
             raise ValueError(f"unknown dataset spec keys {sorted(unknown)}")
         self.validate()
@@ -167,10 +169,12 @@ class DatasetSpec:
         if self.shard_size < 1:
             raise ValueError(f"data.shard_size must be >= 1, got {self.shard_size}")
         if len(self.dt_choices) != 2:
-            raise ValueError(f"data.dt_choices must hold the two time steps (yr), got {list(self.dt_choices)}")
+            raise ValueError(f"data.dt_choices must hold the two time steps (yr), "
+                             f"got {list(self.dt_choices)}")
         physics.check_dt(self.dt_choices)
         if self.dt is not None and float(self.dt) not in self.dt_choices:
-            raise ValueError(f"data.dt={self.dt} must be null or one of data.dt_choices {list(self.dt_choices)}")
+            raise ValueError(f"data.dt={self.dt} must be null or one of data.dt_choices "
+                             f"{list(self.dt_choices)}")
         kmax = self.max_planets
         if self.seq_len < kmax + 2:
             raise ValueError(f"data.seq_len={self.seq_len} is too short: a system with {kmax} planets needs "
@@ -430,7 +434,8 @@ def _shard_buffers(spec: DatasetSpec, S: int) -> dict[str, np.ndarray]:
     """Per-process output buffers for a shard of S systems, reused from shard to shard."""
     T = spec.seq_len
     shapes = {"tokens": ((S, T, 2), spec.tokenizer.dtype), "positions": ((S, T, 2), np.float32),
-              "states": ((S, T, 6), np.float32), "forces": ((S, T, 2), np.float32), "labelled": ((S, T), bool),
+              "states": ((S, T, 6), np.float32), "forces": ((S, T, 2), np.float32),
+              "labelled": ((S, T), bool),
               "bodies": ((S, T), np.int8), "dt": ((S,), np.float64), "n_bodies": ((S,), np.int8),
               "energy_error": ((S,), np.float32)}
     out = {}
@@ -486,7 +491,8 @@ def _build_chunk(spec: DatasetSpec, params: SystemParams, index, seed, block, ro
     }
 
 
-def generate_arrays(spec: DatasetSpec, seed: int, start: int = 0, count: int | None = None) -> dict[str, np.ndarray]:
+def generate_arrays(spec: DatasetSpec, seed: int, start: int = 0,
+                    count: int | None = None) -> dict[str, np.ndarray]:
     """Arrays of systems ``[start, start + count)`` in memory (``count=None``: up to ``n_systems``).
 
     A pure function of (spec, seed, system index): the same systems as the on-disk dataset, whatever
@@ -634,8 +640,8 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
     if man is not None:
         why = _spec_mismatch(man, spec, seed)
         if why:
-            raise DatasetError(f"{out} already holds a dataset with {why}; write to another folder (out=PATH) "
-                               "or delete it")
+            raise DatasetError(f"{out} already holds a dataset with {why}; write to another folder "
+                               "(out=PATH) or delete it")
         if man.get("code_version") != code_version():
             log.info("dataset %s was written by %s (now %s)", out, man.get("code_version"), code_version())
     else:
@@ -817,9 +823,11 @@ def load_dataset(path: str | os.PathLike, *, verify: bool = False) -> OrbitDatas
     if spec.spec_hash() != man.get("spec_hash"):
         raise DatasetError(f"{path}/manifest.json: spec and spec_hash do not match (edited manifest?); "
                            f"regenerate with: {fix}")
-    if not man.get("complete") or any(r is None for r in man["shards"]) or len(man["shards"]) != spec.n_shards:
-        missing = [k for k, r in enumerate(man["shards"]) if r is None]
-        raise DatasetError(f"{path} is incomplete (shards not written: {missing[:10]}); finish it with: {fix}")
+    shards = man["shards"]
+    if not man.get("complete") or any(r is None for r in shards) or len(shards) != spec.n_shards:
+        missing = [k for k, r in enumerate(shards) if r is None]
+        raise DatasetError(f"{path} is incomplete (shards not written: {missing[:10]}); "
+                           f"finish it with: {fix}")
     parts: dict[str, list] = {name: [] for name in ARRAYS}
     for k, rec in enumerate(man["shards"]):
         start, stop = spec.shard_range(k)

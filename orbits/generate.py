@@ -32,10 +32,12 @@ def main(cfg, run_dir) -> dict:
     seconds = time.perf_counter() - t0
     ds = load_dataset(path)
     summary = {
-        "path": str(path), "name": spec.name, "mode": spec.mode, "n_systems": len(ds), "seq_len": spec.seq_len,
+        "path": str(path), "name": spec.name, "mode": spec.mode, "n_systems": len(ds),
+        "seq_len": spec.seq_len,
         "n_shards": ds.meta["n_shards"], "seed": int(cfg.seed), "spec_hash": spec.spec_hash(),
         "seconds": round(seconds, 3),
-        "labelled_steps": int(sum(np.asarray(ds.labelled[s:s + 4096]).sum() for s in range(0, len(ds), 4096))),
+        "labelled_steps": int(sum(np.asarray(ds.labelled[s:s + 4096]).sum()
+                                  for s in range(0, len(ds), 4096))),
         "max_energy_error": float(np.max(np.asarray(ds.energy_error))),
     }
     update_results(run_dir, "generate", summary)

@@ -516,7 +516,8 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
     if pad.any():
         far = 1e3 * (1.0 + np.arange(K))[None, :].repeat(B, 0)
         Q[pad] = np.stack([far[pad], np.zeros(pad.sum())], -1)
-        V[pad] = np.stack([np.zeros(pad.sum()), np.sqrt(G * m_star[:, None].repeat(K, 1)[pad] / far[pad])], -1)
+        v_circ = np.sqrt(G * m_star[:, None].repeat(K, 1)[pad] / far[pad])
+        V[pad] = np.stack([np.zeros(pad.sum()), v_circ], -1)
     mu = (G * m_star)[:, None]
     h = dt / substeps
     pair = real[:, :, None] & real[:, None, :] & ~np.eye(K, dtype=bool)[None]
@@ -663,7 +664,8 @@ class PlanetarySystem:
         m_star = float(check_masses(m_star, "star mass"))
         if (omega is None or mean_anomaly is None) and rng is None:
             raise TypeError("pass omega and mean_anomaly, or a numpy.random.Generator as rng to draw them")
-        omega = rng.uniform(0, 2 * np.pi, m_planet.shape) if omega is None else np.broadcast_to(omega, m_planet.shape)
+        omega = (rng.uniform(0, 2 * np.pi, m_planet.shape) if omega is None
+                 else np.broadcast_to(omega, m_planet.shape))
         mean_anomaly = (rng.uniform(0, 2 * np.pi, m_planet.shape) if mean_anomaly is None
                         else np.broadcast_to(mean_anomaly, m_planet.shape))
         pos, vel = kepler_state(a, e, omega, mean_anomaly, G * (m_planet + m_star))
