@@ -109,7 +109,7 @@ def _kepler_sincos(mean_anomaly, e) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     """Solve ``E - e sin E = M``; return (E reduced to [-pi, pi], sin E, cos E, number of 2 pi turns).
 
     Non-iterative for the bulk: Mikkola's (1987) cubic starter (only ``sqrt``/``cbrt``, error < 4e-3 rad),
-    one fourth-order Householder correction (one ``sin`` and one ``cos``), then one Newton step whose
+    one fourth-order Householder correction (sine and cosine from one ``tan``), then one Newton step whose
     sine and cosine come from the angle-addition formulas with Taylor series of the small increment (no
     further trig calls). Residual ``|E - e sin E - M|`` <= 1e-15 for e <= 0.99999 (tested); elements
     with e > 0.99999 get extra Newton iterations. Written with in-place numpy operations (this is the
@@ -154,7 +154,19 @@ def _kepler_sincos(mean_anomaly, e) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     E0 *= sm
     E0 *= e
     E0 += Ma  # E0 = M + e (3 s - 4 s^3)
-    sE, cE = np.sin(E0), np.cos(E0)
+    # sin E0 and cos E0 from one tangent of a half angle (numpy's float64 tan is SIMD-vectorised, sin and
+    # cos are not: ~4x cheaper). With phi = E0 - pi/2 in [-pi/2, pi/2 + 4e-3] and t = tan(phi/2):
+    # sin E0 = cos phi = (1 - t^2)/(1 + t^2), cos E0 = -sin phi = -2t/(1 + t^2)
+    t = E0 - 0.5 * np.pi
+    t *= 0.5
+    np.tan(t, out=t)
+    t2 = t * t
+    u = 1.0 + t2
+    np.reciprocal(u, out=u)
+    sE = 1.0 - t2
+    sE *= u
+    cE = t * u
+    cE *= -2.0
     # fourth-order Householder step from E0
     f = e * sE
     np.subtract(E0, f, out=f)
