@@ -32,7 +32,10 @@ def _autocast(device: torch.device, bf16: bool):
         else contextlib.nullcontext()
 
 
-def _n_targets(model: GPT, seq: np.ndarray, modality: str) -> int:
+def n_targets(model: GPT, seq: np.ndarray, modality: str) -> int:
+    """Scored target positions of full sequences ``seq`` (``[b, L + 1, 2]`` orbits, ``[b, L + 1]`` text)."""
+    if len(seq) == 0:
+        return 0
     if modality == "text":
         return seq.shape[0] * (seq.shape[1] - 1)
     tgt = seq[:, 1:]
@@ -51,7 +54,7 @@ def mean_loss(model: GPT, batches: Sequence[np.ndarray], modality: str, device: 
     total, count = 0.0, 0
     try:
         for seq in batches:
-            n = _n_targets(model, seq, modality)
+            n = n_targets(model, seq, modality)
             if n == 0:
                 continue
             x = torch.from_numpy(np.ascontiguousarray(seq)).to(device)

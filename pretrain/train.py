@@ -35,7 +35,7 @@ from torch import nn
 from gravprobe.common import code_version, output_root, update_results
 
 from .data import DatasetMismatchError, MixedBatches, OrbitSource
-from .evaluate import length_extrapolation, mean_loss, plot_length_extrapolation, plot_loss_curves
+from .evaluate import length_extrapolation, mean_loss, n_targets, plot_length_extrapolation, plot_loss_curves
 from .model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -370,8 +370,17 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
             log.info("resumed from %s at step %d", resume_from, step)
     raw_model = model
     if dist.ddp:
+        # broadcast_buffers=False: the only buffers are RoPE cos/sin caches that each process grows on demand
+        # (rank 0 evaluates alone, so their sizes differ); find_unused_parameters: a process's micro-batch
+        # may hold no sequence of one modality.
+        import inspect
+
+        no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                           else {"broadcast_buffers": False})
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=corpus is not None, **no_sync_buffers)
 
     metrics = _Metrics(run_dir, is_main, step if resume_from is not None else None)
     eval_batches = int(_get(tc, "eval_batches", 4))
@@ -421,27 +430,38 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     model.train()
     bar = tqdm(total=stop, initial=step, desc=f"pretrain {mcfg.attention.get('name')}", disable=not is_main,
                dynamic_ncols=True)
-    sums = torch.zeros(4, dtype=torch.float64)   # orbit loss*n, n orbit seqs, text loss*n, n text seqs
+    # The step's objective: per modality the mean loss over all its target tokens in the global batch,
+    # weighted by the modality's share of sequences. Token counts are summed over micro-batches and ranks
+    # first, so grad_accum and DDP give the gradient of exactly this objective.
+    B = int(tc.batch_size)
+    sums = torch.zeros(4, dtype=torch.float64)   # orbit loss*tokens, orbit tokens, text loss*tokens, text tokens
     while step < stop:
         lr = scheduler.get_last_lr()[0]
         micro = batches.micro_batches(step, dist.rank, dist.world, accum)
         optimizer.zero_grad(set_to_none=True)
+        n_tok = [(n_targets(raw_model, mb.orbits, "orbits"), n_targets(raw_model, mb.text, "text")) for mb in micro]
+        counts = torch.tensor([sum(c[0] for c in n_tok), sum(c[1] for c in n_tok)], dtype=torch.float64)
+        if dist.ddp:
+            torch.distributed.all_reduce(counts)
+        weight = {"orbits": (B - batches.n_text) / B / max(float(counts[0]), 1.0),
+                  "text": batches.n_text / B / max(float(counts[1]), 1.0)}
         local = torch.zeros(4, dtype=torch.float64)
-        for i, mb in enumerate(micro):
+        for i, (mb, (no, nt)) in enumerate(zip(micro, n_tok)):
             o = torch.from_numpy(mb.orbits).to(device)
             t = torch.from_numpy(mb.text).to(device)
             sync = contextlib.nullcontext() if (not dist.ddp or i == len(micro) - 1) else model.no_sync()
             with sync:
                 with _autocast(device, bf16):
-                    losses = model(orbits=o, text=t)
-                loss = sum(losses[k] * (len(o) if k == "orbits" else len(t)) for k in losses) / mb.size / len(micro)
+                    losses = model(orbits=o if no else o[:0], text=t if nt else t[:0])
+                n = {"orbits": no, "text": nt}
+                loss = sum(losses[k] * (n[k] * weight[k] * dist.world) for k in losses)
                 loss.backward()
             if "orbits" in losses:
-                local[0] += float(losses["orbits"].detach()) * len(o)
-                local[1] += len(o)
+                local[0] += float(losses["orbits"].detach()) * no
+                local[1] += no
             if "text" in losses:
-                local[2] += float(losses["text"].detach()) * len(t)
-                local[3] += len(t)
+                local[2] += float(losses["text"].detach()) * nt
+                local[3] += nt
             tokens_seen += (mb.orbits.shape[1] - 1) * len(o) + (mb.text.shape[1] - 1) * len(t)
         if dist.ddp:
             torch.distributed.all_reduce(local)

@@ -1,0 +1,171 @@
+"""Training: losses fall, exact resume, clear errors (dataset, NaN, context), results schema, DDP smoke."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gravprobe.pretrain import load_checkpoint
+
+SMALL = [
+    "data.n_systems=48", "data.seq_len=33", "data.n_bins=60", "data.shard_size=16", "data.planets=[1,2]",
+    "model.n_layers=1", "model.n_heads=2", "model.d_model=32", "model.block_size=32",
+    "attention=softmax", "workers=1",
+    "train.batch_size=8", "train.warmup_steps=2", "train.lr=3e-3", "train.eval_every=0", "train.ckpt_every=0",
+    "train.log_every=1", "train.eval_batches=2", "train.extrapolation.factors=[]",
+]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    h = tmp_path / "home"
+    monkeypatch.setenv("GRAVPROBE_HOME", str(h))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    from pydoc_data.topics import topics
+
+    for i, key in enumerate(sorted(topics)[:60]):
+        (corpus / f"{i:03d}.txt").write_text(topics[key])
+    return h
+
+
+def compose(home: Path, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    text = ["text=files", f"text.paths=[{home.parent / 'corpus'}]", "text.val_fraction=0.1"]
+    with initialize_config_module("gravprobe.conf", version_base="1.3"):
+        return hydra_compose("config", overrides=[*SMALL, *text, f"home={home}", *overrides])
+
+
+def run(home, run_dir, *overrides):
+    from gravprobe.pretrain.train import main
+
+    return main(compose(home, *overrides), run_dir)
+
+
+def train_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r["split"] == "train"]
+
+
+def test_few_steps_lower_both_losses_and_write_results(home, tmp_path):
+    rd = tmp_path / "run"
+    out = run(home, rd, "train.steps=25", "train.text_ratio=0.5", "train.extrapolation.factors=[1,2]",
+              "train.extrapolation.orbit_systems=2", "train.extrapolation.text_windows=2")
+    res = json.loads((rd / "results.json").read_text())["pretrain"]
+    assert res["attention"] == "softmax" and res["steps"] == 25
+    for mod in ("orbits", "text"):
+        assert res["loss"][mod]["last"] < res["loss"][mod]["first"] - 0.3, res["loss"]
+        assert set(res["length_extrapolation"][mod]) == {"1", "2"}
+        assert all(v > 0 for v in res["length_extrapolation"][mod].values())
+    assert out["steps"] == 25
+    for f in ("metrics.csv", "loss_curves.png", "length_extrapolation.png", "checkpoints/last.pt"):
+        assert (rd / f).is_file(), f
+    model, meta = load_checkpoint(rd / "checkpoints" / "last.pt")
+    assert meta["step"] == 25 and model.n_layers == 1 and model.d_model == 32
+    x = torch.zeros(1, 10, 2, dtype=torch.long)
+    assert len(model.hidden_states(x)) == 2 and model.encode(x).shape == (1, 10, 32)
+    assert not list(rd.glob("checkpoints/.*tmp"))          # no temporary files left behind
+
+
+def test_resume_is_exact(home, tmp_path):
+    common = ["train.steps=8", "train.text_ratio=0.25", "train.ckpt_every=3", "model.orbit_mode=continuous",
+              "model.context_noise=0.1"]                  # noise: the RNG state must be restored too
+    run(home, tmp_path / "straight", *common)
+    out = run(home, tmp_path / "split", *common, "train.stop_at=4")
+    assert out.get("stopped") and out["steps"] == 4
+    run(home, tmp_path / "split", *common)                 # resume=auto picks up checkpoints/last.pt
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    ra, rb = train_rows(tmp_path / "straight"), train_rows(tmp_path / "split")
+    assert [(r["step"], r["modality"], r["loss"]) for r in ra] == [(r["step"], r["modality"], r["loss"]) for r in rb]
+    assert len(ra) == 16
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(home, tmp_path, monkeypatch):
+    from gravprobe.pretrain import NonFiniteLossError
+    from gravprobe.pretrain.model import GPT
+
+    real = GPT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, orbits=None, text=None):
+        out = real(self, orbits, text)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 5:
+                out["orbits"] = out["orbits"] * float("nan")
+        return out
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    rd = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"step 5.*step 4"):
+        run(home, rd, "train.steps=10", "train.ckpt_every=2")
+    ckpt = torch.load(rd / "checkpoints" / "last.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_dataset_and_context_errors(home, tmp_path):
+    from gravprobe.pretrain.data import DatasetMismatchError
+    from gravprobe.pretrain.model import SequenceTooLongError
+
+    with pytest.raises(DatasetMismatchError, match="no orbit dataset"):
+        run(home, tmp_path / "a", "train.steps=1", f"train.dataset={tmp_path / 'missing'}")
+    with pytest.raises(DatasetMismatchError, match="data.seq_len"):
+        run(home, tmp_path / "b", "train.steps=1", "train.seq_len=40")
+    with pytest.raises(SequenceTooLongError, match="block_size"):
+        run(home, tmp_path / "c", "train.steps=1", "model.position=learned", "model.block_size=16",
+            "train.seq_len=24")
+    run(home, tmp_path / "d", "train.steps=1")
+    with pytest.raises(DatasetMismatchError, match="trained on dataset"):
+        run(home, tmp_path / "d", "train.steps=2", "data.n_systems=40")   # resume onto other data
+    with pytest.raises(ValueError, match="divisible"):
+        run(home, tmp_path / "e", "train.steps=1", "train.batch_size=6", "train.grad_accum=4")
+
+
+def test_grad_accum_matches_one_big_batch(home, tmp_path):
+    run(home, tmp_path / "one", "train.steps=3")
+    run(home, tmp_path / "acc", "train.steps=3", "train.grad_accum=2")
+    a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "acc/checkpoints/last.pt", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_two_gloo_processes(home, tmp_path):
+    """torchrun with 2 CPU processes: trains, rank 0 writes, and the result equals one process."""
+    script = tmp_path / "ddp_run.py"
+    overrides = [*SMALL, "text=files", f"text.paths=[{home.parent / 'corpus'}]", "text.val_fraction=0.1",
+                 f"home={home}", "train.steps=3", "train.text_ratio=0.25"]
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from hydra import compose, initialize_config_module
+        from gravprobe.pretrain.train import main
+        with initialize_config_module("gravprobe.conf", version_base="1.3"):
+            cfg = compose("config", overrides={overrides!r})
+        main(cfg, sys.argv[1])
+    """))
+    run(home, tmp_path / "single", "train.steps=3", "train.text_ratio=0.25")   # also builds data + text cache
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=False)
+    assert ckpt["step"] == 3 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    single = torch.load(tmp_path / "single/checkpoints/last.pt", weights_only=False)
+    for k in single["model"]:   # same global batches, gradients averaged over ranks
+        torch.testing.assert_close(ckpt["model"][k], single["model"][k], rtol=1e-3, atol=1e-4)
+    assert (tmp_path / "ddp/results.json").is_file()
