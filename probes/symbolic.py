@@ -26,7 +26,9 @@ Scale handling (``transform``)
 ------------------------------
 Gravitational force magnitudes in the two-body data span about five decades (planet masses 1e-9…1e-3
 M☉, separations 0.3…40 AU). A squared or absolute error on raw ``y`` is decided by the few largest
-forces alone. The default ``transform="log"`` fits ``log y = g(log x_1, …, log x_n)`` with a mean-squared
+forces alone. The default ``transform="log"`` fits ``log y = g(u_1, …, u_n)``, ``u_k`` the standardised
+``log x_k`` (zero mean, unit variance over the galaxy, so that log m2's narrow range does not hide it from
+the search), with a mean-squared
 error, i.e. a *relative* error on ``y`` that weighs every decade equally, and maps the result back:
 ``y = exp(g(log x_1, …))`` simplified with sympy, so that e.g. ``g = c − 2 u_r + u_m1 + u_m2`` becomes
 ``C·m1·m2/r**2``. Every power law is linear in log space, which makes Newton's law (and its near misses
@@ -228,8 +230,13 @@ def fit_equation(X: np.ndarray, y: np.ndarray, names: Sequence[str], *, backend:
 
     syms = make_symbols(names)
     if transform == "log":
-        Xf, yf, y_scale = np.log(X), np.log(y), 1.0
+        # standardised log-features: every variable enters the search on the same footing (log m1 spans
+        # ~13 e-folds, log m2 ~1), which makes the search find small-variance factors such as m2 reliably
+        lx = np.log(X)
+        x_loc, x_scale = lx.mean(0), np.where(lx.std(0) > 0, lx.std(0), 1.0)
+        Xf, yf, y_scale = (lx - x_loc) / x_scale, np.log(y), 1.0
     else:
+        x_loc, x_scale = np.zeros(X.shape[1]), np.ones(X.shape[1])
         y_scale = float(np.median(np.abs(y))) or 1.0
         Xf, yf = X, y / y_scale
     fit_syms = tuple(sp.Symbol(f"u_{n}" if transform == "log" else n, real=True) for n in names)
@@ -261,7 +268,7 @@ def fit_equation(X: np.ndarray, y: np.ndarray, names: Sequence[str], *, backend:
     _add_scores(rows)
     chosen = _select(rows, selection)
     for i, r in enumerate(rows):
-        r["expression"] = _to_original(r["fit_expression"], fit_syms, syms, transform, y_scale)
+        r["expression"] = _to_original(r["fit_expression"], fit_syms, syms, transform, y_scale, x_loc, x_scale)
         r["chosen"] = i == chosen
     table = EquationTable(rows=[{k: r[k] for k in (*EquationTable.COLUMNS, "fit_expression")} for r in rows])
     expr = rows[chosen]["expression"]
@@ -320,10 +327,11 @@ def _eval_fit(g: sp.Expr, fit_syms: Sequence[sp.Symbol], Xf: np.ndarray) -> np.n
     return out
 
 
-def _to_original(g: sp.Expr, fit_syms, syms, transform: str, y_scale: float) -> sp.Expr:
+def _to_original(g: sp.Expr, fit_syms, syms, transform: str, y_scale: float, x_loc, x_scale) -> sp.Expr:
     """Map a fit-space expression back to ``y = f(x)`` in the caller's symbols, simplified."""
     if transform == "log":
-        expr = sp.exp(g.subs({u: sp.log(s) for u, s in zip(fit_syms, syms)}, simultaneous=True))
+        sub = {u: (sp.log(s) - float(m)) / float(sd) for u, s, m, sd in zip(fit_syms, syms, x_loc, x_scale)}
+        expr = sp.exp(sp.expand(g.subs(sub, simultaneous=True)))
         expr = sp.powsimp(sp.expand_log(sp.expand(expr), force=True))
     else:
         expr = (g * y_scale).subs({u: s for u, s in zip(fit_syms, syms)}, simultaneous=True)
