@@ -101,6 +101,11 @@ def test_variant_config_uses_packaged_node_and_keeps_overrides():
     (["train.steps=0"], "train.steps=0 must be an integer >= 1"),
     (["++data.seq_len=1"], "data.seq_len=1 must be an integer >= 2"),
     (["checkpoint=/x.pt"], "checkpoint= is for `gravprobe probe`"),
+    (["pipeline.stop_after=probe"], "pipeline.stop_after='probe'; choose from: null, generate, pretrain"),
+    (["force_data.labelling.full_systems=null"], "leaves no partially labelled sequences"),
+    (["force_data.n_systems=20", "force_data.labelling.full_systems=18", "force_data.seq_len=11"],
+     "fewer than one galaxy of probe.selection.galaxy_size=1000"),
+    (["probe.selection.galaxy_size=6000"], "exceeds probe.selection.n_keep=5000"),
 ])
 def test_bad_overrides_fail_before_any_work(monkeypatch, tmp_path, overrides, message):
     fake = FakeStages(monkeypatch)
@@ -201,3 +206,18 @@ def test_a_stage_that_writes_nothing_is_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(fake, "probe", lambda cfg, run_dir: {})
     with pytest.raises(RuntimeError, match="lssar/probe returned without writing 'probes'"):
         pipeline.main(make_cfg(), tmp_path / "run")
+
+
+def test_stop_after(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch)
+    state = pipeline.main(make_cfg("experiment=smoke", "pipeline.stop_after=generate", "pipeline.report=false"),
+                          tmp_path / "run")
+    assert fake.calls == ["generate"] and state["complete"] is False
+    fake.calls.clear()
+    state = pipeline.main(make_cfg("experiment=smoke", "pipeline.stop_after=pretrain", "pipeline.report=false"),
+                          tmp_path / "run")
+    assert fake.calls == ["generate", "softmax/pretrain", "lssa/pretrain", "lssar/pretrain"]
+    assert state["complete"] is False
+    fake.calls.clear()
+    assert pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false"), tmp_path / "run")["complete"]
+    assert fake.calls == ["generate", "softmax/probe", "lssa/probe", "lssar/probe"]

@@ -46,7 +46,8 @@ STAGE_FUNCTIONS = {
     "probe": ("gravprobe.probes.pipeline", "main"),
 }
 #: config keys that may differ when a run folder is resumed (they do not change any result)
-RESUME_IGNORED_KEYS = ("stage", "workers", "device", "home", "out", "pipeline.report", "report", "train.stop_at")
+RESUME_IGNORED_KEYS = ("stage", "workers", "device", "home", "out", "pipeline.report", "pipeline.stop_after",
+                       "report", "train.stop_at")
 
 
 class PipelineConfigError(ValueError):
@@ -151,6 +152,9 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
                             f"choose from: {', '.join(choices)}")
     if len(set(variants)) != len(variants):
         problems.append(f"pipeline.variants names a variant twice: {variants}")
+    stop_after = _get(cfg, "pipeline.stop_after")
+    if stop_after not in (None, "generate", "pretrain"):
+        problems.append(f"pipeline.stop_after={stop_after!r}; choose from: null, generate, pretrain")
     if _get(cfg, "checkpoint"):
         problems.append("checkpoint= is for `gravprobe probe`; `gravprobe run` trains its own checkpoints "
                         "(drop the override)")
@@ -370,6 +374,10 @@ def _run_stages(cfg: DictConfig, run_dir: Path, variants: list[str], state: dict
         state["datasets"] = ensure_datasets(cfg)
     state["stages"]["generate"] = "done"
     save()
+    stop_after = OmegaConf.select(cfg, "pipeline.stop_after", default=None)
+    if stop_after == "generate":
+        log.info("pipeline.stop_after=generate: datasets ready, stopping")
+        return False
     for i, name in enumerate(variants):
         vdir = run_dir / name
         vdir.mkdir(parents=True, exist_ok=True)
@@ -381,6 +389,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, variants: list[str], state: dict
         atomic_write_bytes(vdir / "config.yaml", OmegaConf.to_yaml(vcfg, resolve=True).encode())
         for stage, section in (("pretrain", "pretrain"), ("probe", "probes")):
             key = f"{name}/{stage}"
+            if stage == "probe" and stop_after == "pretrain":
+                continue
             if _complete(vdir, section, vcfg):
                 log.info("%s: complete in %s, reused", key, vdir)
                 state["stages"][key] = "reused"
@@ -397,4 +407,4 @@ def _run_stages(cfg: DictConfig, run_dir: Path, variants: list[str], state: dict
                 raise RuntimeError(f"{key} returned without writing '{section}' into {vdir}/results.json")
             state["stages"][key] = "done"
             save()
-    return True
+    return stop_after is None

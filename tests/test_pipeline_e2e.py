@@ -1,0 +1,128 @@
+"""End to end, with the real stages: `gravprobe run experiment=smoke` from the command line.
+
+One test, in CI (not marked slow): it is the README's main command. It runs the smoke pipeline with a
+planned stop inside the first variant's pretraining (``train.stop_at``), resumes it with the same command
+in the same folder, checks every output (results.json sections and keys, report.md, figures, the stages'
+files), runs it a third time to see that everything finished is reused, rebuilds the report with
+`gravprobe report DIR`, and executes the analysis notebook on the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+LENGTHS = {"1", "2", "4", "8", "16"}
+VARIANTS = ["softmax", "lssa", "lssar"]
+
+
+def gravprobe(*args: str, home: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GRAVPROBE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "gravprobe.cli", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
+    home, run = tmp_path / "home", tmp_path / "run"
+    args = ["run", "experiment=smoke", f"hydra.run.dir={run}"]
+
+    # 1. stop inside softmax's pretraining, as an interrupted run would
+    t0 = time.perf_counter()
+    gravprobe(*args, "train.stop_at=10", home=home)
+    res = json.loads((run / "results.json").read_text())
+    assert res["pipeline"]["complete"] is False
+    assert res["pipeline"]["stages"]["softmax/pretrain"] == "stopped at step 10"
+    assert (run / "softmax" / "checkpoints" / "last.pt").exists()
+    assert "Status: **incomplete**" in (run / "report.md").read_text()
+
+    # 2. the same command resumes and finishes
+    gravprobe(*args, home=home)
+    wall = time.perf_counter() - t0
+    res = json.loads((run / "results.json").read_text())
+    pipe = res["pipeline"]
+    assert pipe["complete"] is True and pipe["variants"] == VARIANTS
+    assert pipe["stages"]["generate"] == "done" and pipe["stages"]["softmax/pretrain"] == "done"
+    assert res["config"]["seed"] == 0 and res["config"]["pipeline"]["variants"] == VARIANTS
+    for d in pipe["datasets"].values():
+        assert (Path(d) / "manifest.json").exists() and str(home) in d
+    softmax_metrics = (run / "softmax" / "metrics.csv").read_text().splitlines()
+    assert any(",10," in ln or ln.startswith("10,") for ln in softmax_metrics[1:])  # resumed, not restarted
+
+    for i, v in enumerate(VARIANTS):
+        vres = json.loads((run / v / "results.json").read_text())
+        pre = vres["pretrain"]
+        assert pre["attention"] == v and pre["steps"] == 40
+        for mod in ("orbits", "text"):
+            loss = pre["loss"][mod]
+            assert 0 < loss["last"] < loss["first"], (v, mod, loss)  # it learned something
+            assert set(pre["length_extrapolation"][mod]) == LENGTHS
+        pr = vres["probes"]
+        assert pr["linear"] and all(set(layers) == {"0", "1", "2"} for layers in pr["linear"].values())
+        assert [g["seed"] for g in pr["galaxies"]] == [0, 1, 2, 3, 4]
+        for g in pr["galaxies"]:
+            assert {"expression", "newtonian", "reasons", "exponents", "r2_newton"} <= set(g)
+            assert set(g["exponents"]) == {"r", "m1", "m2"}
+        assert ("oracle" in pr) == (i == 0)  # the oracle once, in the first variant
+        assert (run / v / "checkpoints" / "last.pt").exists() and (run / v / "config.yaml").exists()
+    # the control must work even at smoke size: the 2-NN oracle recovers Newton's law
+    oracle = json.loads((run / "softmax" / "results.json").read_text())["probes"]["oracle"]["galaxies"]
+    assert sum(g["newtonian"] for g in oracle) >= 4
+
+    md = (run / "report.md").read_text()
+    assert "Status: **complete**" in md
+    for v in VARIANTS:
+        assert f"**{v}** — newtonian in" in md
+    assert "**oracle** (2-NN on the true state)" in md and "resolved config" in md
+    for png in ("loss_vs_length.png", "probe_r2.png"):
+        assert (run / "figures" / png).read_bytes()[:4] == b"\x89PNG"
+    print(f"\nsmoke pipeline (stop at step 10 + resume): {wall:.1f} s wall; stage timings {pipe['timings_s']}")
+
+    # 3. once more: everything is reused
+    t1 = time.perf_counter()
+    gravprobe(*args, home=home)
+    again = json.loads((run / "results.json").read_text())["pipeline"]["stages"]
+    assert all(again[f"{v}/{s}"] == "reused" for v in VARIANTS for s in ("pretrain", "probe"))
+    assert time.perf_counter() - t1 < 60
+
+    # 4. the report rebuilds from files alone
+    (run / "report.md").unlink()
+    out = gravprobe("report", str(run), home=home)
+    assert str(run / "report.md") in out.stdout and "Status: **complete**" in (run / "report.md").read_text()
+
+    # 5. the notebook runs on the real run
+    from test_notebook import execute_notebook
+
+    text, images = execute_notebook(run, monkeypatch)
+    assert "RunResult" in text and "| oracle |" in text and images >= 3
+
+
+def test_bad_override_fails_before_any_work(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "GRAVPROBE_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "gravprobe.cli", "run", "experiment=smoke",
+                           "pipeline.variants=[softmax,flash]", f"hydra.run.dir={tmp_path / 'run'}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "unknown attention variant 'flash'" in err and "choose from:" in err and "lssar" in err
+    assert not (home / "data").exists()  # nothing was generated
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attention=flash", "Could not find 'attention/flash'"),
+    ("train.stepz=3", "train.stepz"),
+])
+def test_hydra_rejects_unknown_groups_and_keys(tmp_path, override, message):
+    env = {**os.environ, "GRAVPROBE_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "gravprobe.cli", "run", override], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
