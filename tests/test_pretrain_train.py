@@ -3,10 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -77,20 +73,20 @@ def test_few_steps_lower_both_losses_and_write_results(home, tmp_path):
 
 
 def test_resume_is_exact(home, tmp_path):
-    common = ["train.steps=8", "train.text_ratio=0.25", "train.ckpt_every=3", "model.orbit_mode=continuous",
+    common = ["train.steps=6", "train.text_ratio=0.25", "train.ckpt_every=3", "model.orbit_mode=continuous",
               "model.context_noise=0.1"]                  # noise: the RNG state must be restored too
     run(home, tmp_path / "straight", *common)
-    out = run(home, tmp_path / "split", *common, "train.stop_at=4")
-    assert out.get("stopped") and out["steps"] == 4
+    out = run(home, tmp_path / "split", *common, "train.stop_at=3")
+    assert out.get("stopped") and out["steps"] == 3
     run(home, tmp_path / "split", *common)                 # resume=auto picks up checkpoints/last.pt
     a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=False)
     b = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=False)
-    assert a["step"] == b["step"] == 8
+    assert a["step"] == b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     ra, rb = train_rows(tmp_path / "straight"), train_rows(tmp_path / "split")
     assert [(r["step"], r["modality"], r["loss"]) for r in ra] == [(r["step"], r["modality"], r["loss"]) for r in rb]
-    assert len(ra) == 16
+    assert len(ra) == 12
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(home, tmp_path, monkeypatch):
@@ -142,30 +138,3 @@ def test_grad_accum_matches_one_big_batch(home, tmp_path):
     b = torch.load(tmp_path / "acc/checkpoints/last.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-
-
-def test_ddp_two_gloo_processes(home, tmp_path):
-    """torchrun with 2 CPU processes: trains, rank 0 writes, and the result equals one process."""
-    script = tmp_path / "ddp_run.py"
-    overrides = [*SMALL, "text=files", f"text.paths=[{home.parent / 'corpus'}]", "text.val_fraction=0.1",
-                 f"home={home}", "train.steps=3", "train.text_ratio=0.25"]
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        from hydra import compose, initialize_config_module
-        from gravprobe.pretrain.train import main
-        with initialize_config_module("gravprobe.conf", version_base="1.3"):
-            cfg = compose("config", overrides={overrides!r})
-        main(cfg, sys.argv[1])
-    """))
-    run(home, tmp_path / "single", "train.steps=3", "train.text_ratio=0.25")   # also builds data + text cache
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=False)
-    assert ckpt["step"] == 3 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    single = torch.load(tmp_path / "single/checkpoints/last.pt", weights_only=False)
-    for k in single["model"]:   # same global batches, gradients averaged over ranks
-        torch.testing.assert_close(ckpt["model"][k], single["model"][k], rtol=1e-3, atol=1e-4)
-    assert (tmp_path / "ddp/results.json").is_file()
