@@ -279,10 +279,11 @@ def _labels(spec: DatasetSpec, seed: int, k: int, rows: np.ndarray, index: np.nd
 def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, is_star):
     """Kepler mode on the token grid [S, T]: positions [S, T, 2] and, per planet step, the relative
     position and velocity, planet and star masses and the star's force on the planet (tuples of [S, T]
-    arrays; values at non-planet cells are arbitrary and masked by the caller).
+    arrays, exactly zero at non-planet cells).
 
-    Computing every cell of the grid (star cells get their step's last planet) costs ~20% extra Kepler
-    solves but avoids scattering into the grid, which is slower in numpy."""
+    Every cell of the grid is computed (non-planet cells read a sentinel orbit with a = n = 0 and zero
+    masses, so their outputs are zeros without masking): ~20% extra Kepler solves, but no scatter into the
+    grid, which is slower in numpy."""
     S, K = p.e.shape
     ms = np.broadcast_to(p.m_star[:, None], (S, K))
     mu = G * (p.m_planet + ms)
@@ -293,11 +294,11 @@ def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, 
     m1 = p.m_planet[:, 0]
     cp = np.where(single, p.m_star / (m1 + p.m_star), 1.0)
     cs = np.where(single, m1 / (m1 + p.m_star), 0.0)
-    consts = (p.a, p.e, np.sqrt(1.0 - p.e * p.e), np.cos(p.omega), np.sin(p.omega), np.sqrt(mu / p.a**3),
-              p.mean_anomaly, p.m_planet, ms)
-    jj = np.clip(j, 0, (p.n_planets - 1)[:, None])
-    fi = np.arange(S, dtype=np.int32)[:, None] * K + jj
-    a, e, q, cw, sw, n, M0, mp, msp = (np.take(np.ascontiguousarray(c).ravel(), fi) for c in consts)
+    consts = ((p.a, 0.0), (p.e, 0.0), (np.sqrt(1.0 - p.e * p.e), 1.0), (np.cos(p.omega), 1.0),
+              (np.sin(p.omega), 0.0), (np.sqrt(mu / p.a**3), 0.0), (p.mean_anomaly, 0.0), (p.m_planet, 0.0),
+              (ms, 0.0))
+    fi = np.where(is_planet, np.arange(S, dtype=np.int32)[:, None] * K + j, S * K)  # S*K: the sentinel
+    a, e, q, cw, sw, n, M0, mp, msp = (np.take(np.append(c.ravel(), sentinel), fi) for c, sentinel in consts)
     t = s * dts[:, None]
     (x, y), (vx, vy) = physics._kepler_xy(a, e, q, cw, sw, n, M0 + n * t)
     positions = np.empty((S, T, 2))
@@ -312,7 +313,11 @@ def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, 
     positions[:, 1:, 0] = np.where(star, ox - css * x[:, :-1], positions[:, 1:, 0])
     positions[:, 1:, 1] = np.where(star, oy - css * y[:, :-1], positions[:, 1:, 1])
     r2 = x * x + y * y
-    kf = -G * mp * msp / (r2 * np.sqrt(r2))
+    den = np.sqrt(r2)
+    den *= r2
+    num = mp * msp
+    num *= -G
+    kf = np.divide(num, den, out=np.zeros_like(den), where=is_planet)
     return positions, (x, y), (vx, vy), mp, msp, (kf * x, kf * y), np.zeros(S)
 
 
@@ -472,11 +477,11 @@ def _build_chunk(spec: DatasetSpec, params: SystemParams, index, seed, block, ro
     tokens = np.where(valid[..., None], tok.encode(positions), tok.pad_id).astype(tok.dtype)
     tokens[:, 0, :] = tok.dt_id(params.dt_index)[:, None]
     states = np.empty((S, T, 6), dtype=np.float32)
-    for c, col in enumerate((*rel, *vel, mp, ms)):
-        states[..., c] = np.where(is_planet, col, 0.0)
+    for c, col in enumerate((*rel, *vel, mp, ms)):  # the simulators return zeros at non-planet cells
+        states[..., c] = col
     F = np.empty((S, T, 2), dtype=np.float32)
     for c, col in enumerate(forces):
-        F[..., c] = np.where(is_planet, col, 0.0)
+        F[..., c] = col
     bodies = np.where(is_planet, j + 1, np.where(is_star, 0, -1)).astype(np.int8)
     return {
         "tokens": tokens,
