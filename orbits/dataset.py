@@ -224,9 +224,9 @@ _LAYOUTS: dict = {}
 
 
 def _layout(n_planets: np.ndarray, T: int):
-    """Token grid [S, T]: time step ``s``, slot ``j`` (j == K is the star), and the planet/star masks.
-
-    One row pattern per planet count (cached), gathered per system."""
+    """Token grid [S, T]: time step ``s``, slot ``j`` (j == K is the star), the planet and star masks and
+    ``bodies`` (-1 marker/padding, 0 star, j >= 1 planet j). One row pattern per planet count (cached),
+    gathered per system."""
     kmax = int(n_planets.max()) if len(n_planets) else 1
     key = (T, kmax)
     if key not in _LAYOUTS:
@@ -235,9 +235,9 @@ def _layout(n_planets: np.ndarray, T: int):
         s = (t - 1) // (K + 1)
         j = (t - 1) % (K + 1)
         valid = (t >= 1) & (s < (T - 1) // (K + 1))
-        _LAYOUTS[key] = (s.astype(np.int32), j.astype(np.int32), valid & (j < K), valid & (j == K))
-    s, j, is_planet, is_star = (x[n_planets - 1] for x in _LAYOUTS[key])
-    return s, j, is_planet, is_star, (T - 1) // (n_planets + 1)
+        bodies = np.where(valid & (j < K), j + 1, np.where(valid & (j == K), 0, -1)).astype(np.int8)
+        _LAYOUTS[key] = (s.astype(np.int32), j.astype(np.int32), valid & (j < K), valid & (j == K), bodies)
+    return tuple(x[n_planets - 1] for x in _LAYOUTS[key])
 
 
 def _pin_star(p: SystemParams) -> tuple[np.ndarray, np.ndarray]:
@@ -467,14 +467,15 @@ def _build_chunk(spec: DatasetSpec, params: SystemParams, index, seed, block, ro
         physics.check_star_dominates(np.where(params.planet_mask, params.m_planet, 0.0)[multi],
                                      params.m_star[multi, None])
     dts = np.asarray(spec.dt_choices)[params.dt_index]
-    s, j, is_planet, is_star, _ = _layout(params.n_planets, T)
+    s, j, is_planet, is_star, bodies = _layout(params.n_planets, T)
     sim = _simulate_nbody if spec.mode == "nbody" else _simulate_kepler
     args = (spec,) if spec.mode == "nbody" else ()
     positions, rel, vel, mp, ms, forces, err = sim(*args, params, dts, T, s, j, is_planet, is_star)
 
     tok = spec.tokenizer
     valid = is_planet | is_star
-    tokens = np.where(valid[..., None], tok.encode(positions), tok.pad_id).astype(tok.dtype)
+    tokens = tok.encode(positions)
+    np.copyto(tokens, tok.pad_id, where=~valid[..., None])
     tokens[:, 0, :] = tok.dt_id(params.dt_index)[:, None]
     states = np.empty((S, T, 6), dtype=np.float32)
     for c, col in enumerate((*rel, *vel, mp, ms)):  # the simulators return zeros at non-planet cells
@@ -482,7 +483,6 @@ def _build_chunk(spec: DatasetSpec, params: SystemParams, index, seed, block, ro
     F = np.empty((S, T, 2), dtype=np.float32)
     for c, col in enumerate(forces):
         F[..., c] = col
-    bodies = np.where(is_planet, j + 1, np.where(is_star, 0, -1)).astype(np.int8)
     return {
         "tokens": tokens,
         "positions": positions.astype(np.float32),
