@@ -509,22 +509,26 @@ def generate_arrays(spec: DatasetSpec, seed: int, start: int = 0,
     if start < 0 or count < 0:
         raise ValueError(f"need start >= 0 and count >= 0, got start={start}, count={count}")
     stop = start + count
-    parts = []
+    if count == 0:
+        return build_sequences(spec, _block_params(spec, seed, 0).take(slice(0, 0)), seed=seed)
     ss = spec.shard_size
-    for k in range(start // ss, -(-stop // ss)):
+    blocks = range(start // ss, -(-stop // ss))
+    out = None
+    for k in blocks:
         lo, hi = max(start, k * ss), min(stop, (k + 1) * ss)
-        if hi <= lo:
-            continue
         params = _block_params(spec, seed, k)
         rows = np.arange(lo - k * ss, hi - k * ss)
-        parts.append(build_sequences(spec, params.take(rows), index=np.arange(lo, hi), seed=seed, block=k,
-                                     rows=rows))
-    if not parts:
-        empty = build_sequences(spec, _block_params(spec, seed, 0).take(slice(0, 0)), seed=seed)
-        return empty
-    if len(parts) == 1:
-        return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        views = None if out is None else {name: a[lo - start:hi - start] for name, a in out.items()}
+        part = build_sequences(spec, params.take(rows), index=np.arange(lo, hi), seed=seed, block=k, rows=rows,
+                               out=views)
+        if out is None:
+            if len(blocks) == 1:
+                return part
+            # allocate the whole range once, then let every later block write into its slice
+            out = {name: np.empty((count,) + a.shape[1:], a.dtype) for name, a in part.items()}
+            for name, a in part.items():
+                out[name][: hi - start] = a
+    return out
 
 
 # -------------------------------------------------------------------------------------------- on disk

@@ -1,0 +1,117 @@
+"""Pretraining throughput: training tokens per second of the GPT for each attention variant.
+
+Run the tests first (``pytest tests/test_pretrain_model.py tests/test_pretrain_train.py``). Then::
+
+    python benchmarks/bench_pretrain.py                          # model=tiny and model=small, every variant
+    python benchmarks/bench_pretrain.py --models tiny --variants softmax lssar --seconds 2 --json out.json
+
+For each model preset (``conf/model/<name>.yaml``) and variant, one full optimiser step (forward and
+backward on a batch of orbit sequences at the preset's context, AdamW update, gradient clipping) is
+repeated for about ``--seconds`` after ``--warmup`` steps; tokens/s = batch x context x steps / time.
+Each variant is reported as a ratio against ``softmax`` measured in the same run (same process, same
+load), which is the number to compare across machines. Batches are random tokens over
+``n_bins + 3`` ids (speed does not depend on their values). On CUDA the step runs under bf16 autocast,
+as in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from gravprobe.attention import VARIANTS
+from gravprobe.pretrain.model import GPT
+from gravprobe.pretrain.train import make_optimizer, model_config
+
+
+def preset(name: str, variant: str, n_bins: int):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("gravprobe.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={name}", f"attention={variant}"])
+    return cfg, model_config(cfg, orbit_vocab=n_bins + 3, text_vocab=0)
+
+
+def time_variant(name: str, variant: str, *, batch: int, seq_len: int | None, n_bins: int, seconds: float,
+                 warmup: int, device: torch.device) -> dict:
+    cfg, mcfg = preset(name, variant, n_bins)
+    T = seq_len or mcfg.block_size
+    torch.manual_seed(0)
+    model = GPT(mcfg).to(device)
+    opt = make_optimizer(model, cfg.train)
+    x = torch.randint(0, n_bins, (batch, T + 1, 2), device=device)
+    x[:, 0] = n_bins
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                     enabled=False)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = model(orbits=x)["orbits"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        step()
+        n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if dt >= seconds and n >= 2:
+            break
+    return {"model": name, "variant": variant, "batch": batch, "seq_len": T, "steps": n, "seconds": dt,
+            "tokens_per_s": batch * T * n / dt, "params": model.num_params(),
+            "params_non_embedding": model.num_params(True)}
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's block_size")
+    ap.add_argument("--n-bins", type=int, default=1000, help="orbit bins V (vocabulary V + 3)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="timing window per (model, variant)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = ["softmax"] + [v for v in args.variants if v != "softmax"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch}, V {args.n_bins}")
+    print(f"{'model':<8} {'variant':<9} {'T':>5} {'params':>9} {'tokens/s':>10} {'vs softmax':>10}")
+    rows = []
+    for name in args.models:
+        base = None
+        for v in variants:
+            r = time_variant(name, v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins,
+                             seconds=args.seconds, warmup=args.warmup, device=device)
+            base = r["tokens_per_s"] if v == "softmax" else base
+            r["ratio_vs_softmax"] = r["tokens_per_s"] / base
+            rows.append(r)
+            print(f"{name:<8} {v:<9} {r['seq_len']:>5} {r['params']:>9,} {r['tokens_per_s']:>10,.0f} "
+                  f"{r['ratio_vs_softmax']:>10.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
