@@ -268,7 +268,9 @@ def fit_equation(X: np.ndarray, y: np.ndarray, names: Sequence[str], *, backend:
     _add_scores(rows)
     chosen = _select(rows, selection)
     for i, r in enumerate(rows):
-        r["expression"] = _to_original(r["fit_expression"], fit_syms, syms, transform, y_scale, x_loc, x_scale)
+        # full sympy simplification is slow (seconds per expression): only the chosen law gets it
+        r["expression"] = _to_original(r["fit_expression"], fit_syms, syms, transform, y_scale, x_loc, x_scale,
+                                       simplify=i == chosen)
         r["chosen"] = i == chosen
     table = EquationTable(rows=[{k: r[k] for k in (*EquationTable.COLUMNS, "fit_expression")} for r in rows])
     expr = rows[chosen]["expression"]
@@ -327,7 +329,8 @@ def _eval_fit(g: sp.Expr, fit_syms: Sequence[sp.Symbol], Xf: np.ndarray) -> np.n
     return out
 
 
-def _to_original(g: sp.Expr, fit_syms, syms, transform: str, y_scale: float, x_loc, x_scale) -> sp.Expr:
+def _to_original(g: sp.Expr, fit_syms, syms, transform: str, y_scale: float, x_loc, x_scale, *,
+                 simplify: bool = True) -> sp.Expr:
     """Map a fit-space expression back to ``y = f(x)`` in the caller's symbols, simplified."""
     if transform == "log":
         sub = {u: (sp.log(s) - float(m)) / float(sd) for u, s, m, sd in zip(fit_syms, syms, x_loc, x_scale)}
@@ -335,6 +338,8 @@ def _to_original(g: sp.Expr, fit_syms, syms, transform: str, y_scale: float, x_l
         expr = sp.powsimp(sp.expand_log(sp.expand(expr), force=True))
     else:
         expr = (g * y_scale).subs({u: s for u, s in zip(fit_syms, syms)}, simultaneous=True)
+    if not simplify:
+        return expr
     try:
         s = sp.simplify(expr)
         if sp.count_ops(s) <= sp.count_ops(expr):
