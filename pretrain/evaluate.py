@@ -172,10 +172,11 @@ def plot_loss_curves(metrics_csv: str | Path, path: str | Path, title: str | Non
     rows = read_metrics(metrics_csv)
     fig, ax = plt.subplots(figsize=(6, 4))
     for split, style in (("train", "-"), ("val", "o--")):
-        for mod in ("orbits", "text"):
+        for mod, color in (("orbits", "C0"), ("text", "C1")):
             pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and r["modality"] == mod]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{mod} ({split})", ms=3)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"{mod} ({split})",
+                        ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats)")
     ax.grid(alpha=0.3)

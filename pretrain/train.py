@@ -267,6 +267,10 @@ def main(cfg: Any, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     tc = cfg.train
     dist = _Dist(str(_get(cfg, "device", "auto")))
+    if dist.ddp:  # Hydra's timestamped run folder can differ between processes by a second: use rank 0's
+        shared = [str(run_dir)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     try:
         return _train(cfg, tc, run_dir, dist)
     finally:
