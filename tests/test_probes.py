@@ -143,27 +143,24 @@ def test_force_head_learns_on_labelled_steps_only(ds):
 
     from gravprobe.probes.force_head import finetune_force_head
 
-    model = tiny_model(1)
-    train_sys = np.arange(0, N_SYS)
-    partial = np.arange(FULL, N_SYS)
+    partial = np.arange(FULL, N_SYS)[:3]
     qmask = (ds.bodies[partial] >= 1) & ~ds.labelled[partial]
-    cfg = OmegaConf.create({"protocol": "magnitude", "lr": 3e-3, "steps": 10, "batch_size": 4, "warmup": 2})
-    res = finetune_force_head(model, ds, train_sys, partial, qmask, cfg, seed=0)
-    assert res.pred_magnitude.shape == (qmask.sum(),) and (res.pred_magnitude > 0).all()
-    assert len(res.losses) == 10 and np.isfinite(res.losses).all()
+    cfg = OmegaConf.create({"protocol": "magnitude", "lr": 3e-3, "steps": 30, "batch_size": 4, "warmup": 3})
     # gradients reach head and trunk: it fits (memorises) four fully labelled sequences
-    fit = finetune_force_head(tiny_model(1), ds, np.arange(4), partial[:1], qmask[:1],
-                              OmegaConf.merge(cfg, {"steps": 40, "warmup": 5}), seed=0)
-    assert np.mean(fit.losses[-5:]) < 0.5 * np.mean(fit.losses[:3])
+    res = finetune_force_head(tiny_model(1), ds, np.arange(4), partial, qmask, cfg, seed=0)
+    assert res.pred_magnitude.shape == (qmask.sum(),) and (res.pred_magnitude > 0).all()
+    assert len(res.losses) == 30 and np.mean(res.losses[-5:]) < 0.5 * np.mean(res.losses[:3])
 
     # labels are the only supervision: scrambling unlabelled forces changes nothing
     ds2 = types.SimpleNamespace(**vars(ds))
     ds2.forces = np.where(ds.labelled[..., None], ds.forces, 123.0).astype(ds.forces.dtype)
-    short = OmegaConf.merge(cfg, {"steps": 5})
-    a = finetune_force_head(tiny_model(1), ds, train_sys, partial[:2], qmask[:2], short, seed=0)
-    b = finetune_force_head(tiny_model(1), ds2, train_sys, partial[:2], qmask[:2], short, seed=0)
+    short = OmegaConf.merge(cfg, {"steps": 3})
+    train_sys = np.arange(FULL - 4, FULL + 4)  # fully and partially labelled sequences
+    a = finetune_force_head(tiny_model(1), ds, train_sys, partial[:1], qmask[:1], short, seed=0)
+    b = finetune_force_head(tiny_model(1), ds2, train_sys, partial[:1], qmask[:1], short, seed=0)
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
     np.testing.assert_allclose(a.pred_magnitude, b.pred_magnitude, rtol=1e-5)
+    model = tiny_model(1)
     with pytest.raises(ValueError, match="protocol"):
         finetune_force_head(model, ds, train_sys, partial, qmask, OmegaConf.create({"protocol": "torque"}))
 
