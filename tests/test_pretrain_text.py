@@ -128,3 +128,28 @@ def test_tiktoken_missing_or_unavailable_gives_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tiktoken)
     with pytest.raises(TextDataError, match="tiktoken"):
         get_tokenizer("tiktoken")
+
+
+def test_hf_streaming_plumbing_with_a_stand_in_datasets_module(monkeypatch, tmp_path):
+    """The `hf` source streams `max_documents` rows of `text_field` (a stand-in for the `datasets` package)."""
+    import sys
+    import types
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    calls = {}
+
+    def load_dataset(path, name=None, split=None, streaming=False):
+        calls.update(path=path, name=name, split=split, streaming=streaming)
+        return iter({"text": f"web page {i}: " + "gravity pulls. " * 30, "id": i} for i in range(10**6))
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with initialize_config_module("gravprobe.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["text=fineweb_edu", "text.tokenizer=byte", "text.hf.max_documents=40"])
+    corpus = load_text_corpus(OmegaConf.to_container(cfg.text), tmp_path / "home")
+    assert calls == {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT", "split": "train", "streaming": True}
+    assert corpus.meta["documents"] == 40
+    monkeypatch.setitem(sys.modules, "datasets", None)          # not installed -> clear error
+    with pytest.raises(TextDataError, match=r"gravprobe\[text\]"):
+        list(documents({"source": "hf", "hf": {"path": "x"}}))
