@@ -79,19 +79,28 @@ def power_law_fit(X: np.ndarray, y: np.ndarray, names: Sequence[str], *, ci: flo
     if (X <= 0).any() or (y <= 0).any() or not (np.isfinite(X).all() and np.isfinite(y).all()):
         raise ValueError("power-law fit needs finite X > 0 and y > 0")
     n, k = X.shape
-    A = np.column_stack([np.ones(n), np.log(X)])
+    lx = np.log(X)
+    # a variable that does not vary (e.g. m2 = 1 M☉ in the solar system) has no identifiable exponent:
+    # it is left out of the design and reported as [nan, -inf, inf]
+    varies = lx.std(0) > 1e-12 * np.maximum(1.0, np.abs(lx).max(0))
+    A = np.column_stack([np.ones(n), lx[:, varies]])
     ly = np.log(y)
     coef, *_ = np.linalg.lstsq(A, ly, rcond=None)
     resid = ly - A @ coef
-    dof = max(n - k - 1, 1)
+    dof = max(n - A.shape[1], 1)
     s2 = float(resid @ resid) / dof
     cov = s2 * np.linalg.pinv(A.T @ A)
     se = np.sqrt(np.clip(np.diag(cov), 0, None))
     t = stats.t.ppf(0.5 + ci / 2, dof)
     sst = float(((ly - ly.mean()) ** 2).sum())
     r2 = 1.0 - float(resid @ resid) / sst if sst > 0 else (1.0 if float(resid @ resid) == 0 else 0.0)
-    ex = {nm: [float(coef[i + 1]), float(coef[i + 1] - t * se[i + 1]), float(coef[i + 1] + t * se[i + 1])]
-          for i, nm in enumerate(names)}
+    ex, j = {}, 1
+    for nm, v in zip(names, varies):
+        if v:
+            ex[nm] = [float(coef[j]), float(coef[j] - t * se[j]), float(coef[j] + t * se[j])]
+            j += 1
+        else:
+            ex[nm] = [float("nan"), float("-inf"), float("inf")]
     return PowerLawFit(intercept=float(coef[0]), exponents=ex, r2=r2, n=n)
 
 
@@ -204,6 +213,9 @@ def compare_to_newton(expression: sp.Expr | str, X: np.ndarray, y: np.ndarray,
         reasons.append("not symbolically C*m1*m2/r^2")
     ex_txt = ", ".join(f"{n} {ex_law[n][0]:+.4f} [{ex_law[n][1]:+.4f}, {ex_law[n][2]:+.4f}]" for n in names)
     reasons.append(f"law's power-law exponents ({ci:.0%} CI) {ex_txt}; R2 {r2_pl:.4f}")
+    fixed = [n for n in names if ex_law[n][1] == float("-inf")]
+    if fixed and r2_pl > float("-inf"):
+        reasons.append(f"{', '.join(fixed)} constant in this galaxy: exponent not identifiable, not tested")
     misses = [n for n in names if not inside[n]]
     if misses:
         reasons.append(f"exponent(s) of {', '.join(misses)} exclude Newton's (-2, 1, 1) by more than {tol}")

@@ -45,8 +45,9 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "Status: **incomplete**" in (run / "report.md").read_text()
 
     # 2. the same command resumes and finishes
-    gravprobe(*args, home=home)
+    resumed = gravprobe(*args, home=home)
     wall = time.perf_counter() - t0
+    assert "at step 10" in resumed.stdout + resumed.stderr  # pretrain resumed from its checkpoint
     res = json.loads((run / "results.json").read_text())
     pipe = res["pipeline"]
     assert pipe["complete"] is True and pipe["variants"] == VARIANTS
@@ -54,13 +55,11 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     assert res["config"]["seed"] == 0 and res["config"]["pipeline"]["variants"] == VARIANTS
     for d in pipe["datasets"].values():
         assert (Path(d) / "manifest.json").exists() and str(home) in d
-    softmax_metrics = (run / "softmax" / "metrics.csv").read_text().splitlines()
-    assert any(",10," in ln or ln.startswith("10,") for ln in softmax_metrics[1:])  # resumed, not restarted
 
     for i, v in enumerate(VARIANTS):
         vres = json.loads((run / v / "results.json").read_text())
         pre = vres["pretrain"]
-        assert pre["attention"] == v and pre["steps"] == 40
+        assert pre["attention"] == v and pre["steps"] == res["config"]["train"]["steps"]
         for mod in ("orbits", "text"):
             loss = pre["loss"][mod]
             assert 0 < loss["last"] < loss["first"], (v, mod, loss)  # it learned something
@@ -126,3 +125,23 @@ def test_hydra_rejects_unknown_groups_and_keys(tmp_path, override, message):
     proc = subprocess.run([sys.executable, "-m", "gravprobe.cli", "run", override], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_multirun_sweep_with_joblib_and_sweep_report(tmp_path):
+    """`-m attention=a,b seed=0,1`: one job per (variant, seed), each training only its own variant, and
+    the sweep folder gets its aggregate report when the sweep ends (stopped after the datasets here)."""
+    home, sweep = tmp_path / "home", tmp_path / "sweep"
+    gravprobe("run", "-m", "experiment=smoke", "attention=softmax,lssar", "seed=0,1", "pipeline.stop_after=generate",
+              f"hydra.sweep.dir={sweep}", home=home)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        res = json.loads((job / "results.json").read_text())
+        variants = res["pipeline"]["variants"]
+        assert variants == [res["config"]["attention"]["name"]]  # attention= wins over the preset's list
+        seen.add((variants[0], res["config"]["seed"]))
+    assert seen == {("softmax", 0), ("softmax", 1), ("lssar", 0), ("lssar", 1)}
+    md = (sweep / "report.md").read_text()
+    assert "4 runs" in md and "Status: **incomplete**" in md and "swept: attention, seed" in md
+    assert len(list((home / "data").iterdir())) == 4  # 2 datasets x 2 seeds, shared by the variants

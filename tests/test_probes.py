@@ -223,3 +223,16 @@ def test_run_probes_without_head_still_reports_controls(ds, tmp_path):
     cfg = _compose(SMALL + ["probe.head.enabled=false", "probe.linear.enabled=false", "probe.oracle.truth_control=false"])
     out = run_probes(tiny_model(), ds, cfg, tmp_path)
     assert out["galaxies"] == [] and len(out["oracle"]["galaxies"]) == 2 and "truth" not in out
+
+
+def test_force_head_vector_protocol(ds):
+    from omegaconf import OmegaConf
+
+    from gravprobe.probes.force_head import finetune_force_head
+
+    partial = np.arange(FULL, FULL + 2)
+    qmask = (ds.bodies[partial] >= 1) & ~ds.labelled[partial]
+    cfg = OmegaConf.create({"protocol": "vector", "lr": 2e-4, "steps": 3, "batch_size": 2, "warmup": 1})
+    res = finetune_force_head(tiny_model(3), ds, np.arange(FULL - 2, FULL + 2), partial, qmask, cfg, seed=0)
+    assert res.protocol == "vector" and res.pred_vector.shape == (qmask.sum(), 2)
+    np.testing.assert_allclose(res.pred_magnitude, np.hypot(*res.pred_vector.T))

@@ -70,6 +70,18 @@ def test_verdict_numeric_route_and_snapping():
         compare_to_newton("m1/r", X[:, :2], y, names=("r", "m1"))
 
 
+def test_verdict_with_a_constant_variable():
+    # the solar system: one star of 1 Msun, so m2's exponent cannot be identified and is not tested
+    X = galaxy(3)
+    X[:, 2] = 1.0
+    y = noisy(newton(X), 3)
+    r, m1, m2 = sp.symbols("r m1 m2", positive=True)
+    v = compare_to_newton(39.6 * m1**1.03 / r**2.03, X, y)
+    assert v.newtonian and not v.symbolic and "m2 constant" in v.reasons
+    assert np.isnan(v.exponents["m2"][0]) and abs(v.exponents["r"][0] + 2.03) < 1e-6
+    assert not compare_to_newton(39.6 * m1 / r**2.5, X, y).newtonian
+
+
 def test_is_symbolically_newtonian_constant_sign_and_names():
     r, m1, m2 = sp.symbols("r m1 m2", positive=True)
     assert is_symbolically_newtonian(3 * m1 * m2 * r**-2)[0]
