@@ -133,16 +133,18 @@ def plot_laws(X: np.ndarray, y: np.ndarray, galaxies, fits: list[SRResult], verd
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import sympy as sp
 
     fig, axes = plt.subplots(1, len(fits), figsize=(4.2 * len(fits), 4.4), squeeze=False)
     for ax, idx, res, v in zip(axes[0], galaxies, fits, verdicts):
         f = res.predict(X[idx])
         ok = (y[idx] > 0) & (f > 0) & np.isfinite(f)
-        ax.loglog(y[idx][ok], f[ok], ".", ms=2, alpha=0.5)
+        ax.loglog(y[idx][ok], f[ok], ".", ms=4, alpha=0.6, color="C0")
         if ok.any():
             lo, hi = y[idx][ok].min(), y[idx][ok].max()
-            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        expr = v["expression"] if len(v["expression"]) < 60 else v["expression"][:57] + "..."
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, zorder=0)
+        expr = str(sp.N(res.expression, 4))
+        expr = expr if len(expr) < 60 else expr[:57] + "..."
         ax.set_title(f"galaxy {v['seed']}: {'NEWTON' if v['newtonian'] else 'not Newton'}\n{expr}", fontsize=7)
         ax.set(xlabel="|F| fitted to", ylabel="law")
     fig.suptitle(title)
