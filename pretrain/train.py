@@ -316,14 +316,18 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     batches = MixedBatches(source, corpus.train if corpus else None, batch_size=int(tc.batch_size),
                            text_ratio=text_ratio, orbit_len=orbit_len, text_len=text_len, seed=seed,
                            text_val=corpus.val if corpus else None)
+    if text_ratio > 0 and batches.n_text == 0:
+        log.warning("train.text_ratio=%g of train.batch_size=%d rounds to 0 text sequences per batch; no text "
+                    "is trained (raise one of them)", text_ratio, int(tc.batch_size))
     accum = int(_get(tc, "grad_accum", 1))
     batches.micro_batches(0, dist.rank, dist.world, accum)  # validates divisibility early
 
     # ---- model, optimiser, schedule
-    torch.manual_seed(seed + dist.rank)
+    torch.manual_seed(seed)            # the same initial weights in every process
     np.random.seed(seed)
     random.seed(seed)
     model = GPT(mcfg).to(device)
+    torch.manual_seed(seed + dist.rank)  # per-process streams (context noise, dropout)
     if is_main:
         log.info("model: %s attention, %d layers, width %d, %.3fM parameters (%.3fM non-embedding); "
                  "device %s x %d; orbit context %d, text context %s", mcfg.attention.get("name"),
