@@ -138,3 +138,24 @@ def test_grad_accum_matches_one_big_batch(home, tmp_path):
     b = torch.load(tmp_path / "acc/checkpoints/last.pt", weights_only=False)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_learned_positions_extrapolation_is_null_beyond_context(home, tmp_path):
+    rd = tmp_path / "run"
+    run(home, rd, "train.steps=2", "model.position=learned", "train.extrapolation.factors=[1,2]",
+        "train.extrapolation.orbit_systems=2")
+    ext = json.loads((rd / "results.json").read_text())["pretrain"]["length_extrapolation"]
+    assert ext["orbits"]["1"] > 0 and ext["orbits"]["2"] is None
+    assert "text" not in ext                                  # text_ratio=0: orbits only
+
+
+def test_plot_length_extrapolation_several_variants(tmp_path):
+    from gravprobe.pretrain import plot_length_extrapolation
+
+    results = {"softmax": {"length_extrapolation": {"orbits": {"1": 3.1, "2": 3.5, "4": 4.8},
+                                                    "text": {"1": 3.2, "2": 4.0, "4": None}}},
+               "lssar": {"length_extrapolation": {"orbits": {"1": 3.1, "2": 3.15, "4": 3.2}}}}
+    out = plot_length_extrapolation(results, tmp_path / "ext.png")
+    assert out.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="nothing|no length"):
+        plot_length_extrapolation({"a": {"length_extrapolation": {}}}, tmp_path / "none.png")
