@@ -23,7 +23,6 @@ import platform
 import time
 
 import torch
-
 from gravprobe.attention import VARIANTS
 from gravprobe.pretrain.model import GPT
 from gravprobe.pretrain.train import make_optimizer, model_config

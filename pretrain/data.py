@@ -47,7 +47,7 @@ class OrbitSource:
         if n < 2:
             raise DatasetMismatchError(f"the orbit dataset has {n} system(s); training needs at least 2 "
                                        "(some are held out for validation): raise data.n_systems")
-        n_val = min(max(1, int(round(n * self.val_fraction))), n - 1)
+        n_val = min(max(1, round(n * self.val_fraction)), n - 1)
         self.train_ids = np.arange(0, n - n_val)
         self.val_ids = np.arange(n - n_val, n)
         if self.mode == "continuous" and self.positions is None:
@@ -109,7 +109,7 @@ class MixedBatches:
             raise ValueError("train.text_ratio > 0 needs a text corpus")
         self.orbits, self.text, self.text_val = orbits, text, text_val
         self.batch_size, self.text_ratio, self.seed = int(batch_size), float(text_ratio), int(seed)
-        self.n_text = int(round(self.text_ratio * self.batch_size))
+        self.n_text = round(self.text_ratio * self.batch_size)
         self.orbit_len, self.text_len = int(orbit_len), int(text_len)
         orbits.check_length(self.orbit_len)
 

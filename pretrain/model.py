@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from gravprobe.attention import CausalSelfAttention
+from torch import nn
 
 POSITIONS = ("rope", "learned")
 ORBIT_MODES = ("discrete", "continuous")

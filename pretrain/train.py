@@ -212,7 +212,7 @@ class _Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed: CSV only
+        except ImportError:  # tensorboard not installed: CSV only
             self.tb = None
 
     def log(self, step: int, split: str, losses: Mapping[str, float], lr: float, tokens: int, wall: float) -> None:

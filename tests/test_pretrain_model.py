@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gravprobe.pretrain.model import GPT, GPTConfig, SequenceTooLongError
 
 V = 50  # bins; vocabulary V + 3
@@ -11,8 +10,8 @@ V = 50  # bins; vocabulary V + 3
 
 def _model(variant="softmax", **kw) -> GPT:
     torch.manual_seed(0)
-    base = dict(n_layers=2, n_heads=2, d_model=32, block_size=32, orbit_vocab=V + 3, text_vocab=257,
-                attention={"name": variant, "params": {}, "backend": "torch"})
+    base = {"n_layers": 2, "n_heads": 2, "d_model": 32, "block_size": 32, "orbit_vocab": V + 3,
+            "text_vocab": 257, "attention": {"name": variant, "params": {}, "backend": "torch"}}
     return GPT(GPTConfig(**{**base, **kw})).eval()
 
 
@@ -126,9 +125,8 @@ def test_no_attention_math_in_model():
 @pytest.mark.parametrize("preset,lo,hi", [("tiny", 5e4, 5e5), ("small", 5e5, 3e6), ("vafa109m", 8.0e7, 9.0e7)])
 def test_preset_trunk_sizes(preset, lo, hi):
     """Non-embedding parameter counts of the model presets (the meta device allocates nothing)."""
-    from hydra import compose, initialize_config_module
-
     from gravprobe.pretrain.train import model_config
+    from hydra import compose, initialize_config_module
 
     with initialize_config_module("gravprobe.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"model={preset}", "attention=softmax"])

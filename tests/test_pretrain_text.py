@@ -5,7 +5,6 @@ import socket
 
 import numpy as np
 import pytest
-
 from gravprobe.pretrain.text import (
     ByteTokenizer,
     TextDataError,

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gravprobe.pretrain import load_checkpoint
 
 SMALL = [
