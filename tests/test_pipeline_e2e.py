@@ -48,6 +48,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     resumed = gravprobe(*args, home=home)
     wall = time.perf_counter() - t0
     assert "at step 10" in resumed.stdout + resumed.stderr  # pretrain resumed from its checkpoint
+    assert "torch intra-op threads: 1" in resumed.stdout + resumed.stderr  # the preset's threads=1
     res = json.loads((run / "results.json").read_text())
     pipe = res["pipeline"]
     assert pipe["complete"] is True and pipe["variants"] == VARIANTS

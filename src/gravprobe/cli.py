@@ -57,6 +57,14 @@ def _task(cfg) -> dict | None:
     log.info("gravprobe %s -> %s", stage, run_dir)
     # every run folder holds its resolved config
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    threads = int(cfg.get("threads") or 0)
+    if threads > 0 and stage in ("pretrain", "probe", "run"):
+        # a fixed intra-op thread count; on a busy or shared machine fewer threads than cores avoids
+        # threads spinning against each other (much slower than one thread for small models)
+        import torch
+
+        torch.set_num_threads(threads)
+        log.info("torch intra-op threads: %d", threads)
     fn = getattr(importlib.import_module(mod_name), fn_name)
     return fn(cfg, run_dir)
 

@@ -46,7 +46,7 @@ STAGE_FUNCTIONS = {
     "probe": ("gravprobe.probes.pipeline", "main"),
 }
 #: config keys that may differ when a run folder is resumed (they do not change any result)
-RESUME_IGNORED_KEYS = ("stage", "workers", "device", "home", "out", "pipeline.report", "pipeline.stop_after",
+RESUME_IGNORED_KEYS = ("stage", "workers", "threads", "device", "home", "out", "pipeline.report", "pipeline.stop_after",
                        "report", "train.stop_at")
 
 

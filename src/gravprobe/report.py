@@ -770,18 +770,28 @@ def render_run(run: RunResult) -> str:
     return "\n".join(md) + "\n"
 
 
-def _varying_overrides(runs: list[RunResult]) -> list[str]:
-    keys = set()
+def sweep_overrides(runs: list[RunResult]) -> tuple[list[str], list[str]]:
+    """``(swept keys, common overrides)`` from the jobs' ``.hydra/overrides.yaml``: keys whose value
+    differs between jobs, and ``key=value`` overrides every job shares."""
+    values: dict[str, set[str]] = {}
+    n = 0
     for r in runs:
         ov = r.dir / ".hydra" / "overrides.yaml"
-        if ov.exists():
-            try:
-                from omegaconf import OmegaConf
+        if not ov.exists():
+            continue
+        try:
+            from omegaconf import OmegaConf
 
-                keys |= {str(o).split("=", 1)[0] for o in OmegaConf.load(ov)}
-            except Exception:
-                pass
-    return sorted(keys - {"stage"})
+            items = [str(o) for o in OmegaConf.load(ov)]
+        except Exception:  # noqa: BLE001 - an unreadable file only loses this description
+            continue
+        n += 1
+        for o in items:
+            k, _, v = o.partition("=")
+            values.setdefault(k, set()).add(v)
+    swept = sorted(k for k, v in values.items() if len(v) > 1 and k != "stage")
+    common = sorted(f"{k}={next(iter(v))}" for k, v in values.items() if len(v) == 1 and k != "stage")
+    return swept, common
 
 
 def render_sweep(sweep: SweepResult) -> str:
@@ -789,9 +799,10 @@ def render_sweep(sweep: SweepResult) -> str:
     agg = aggregate(sweep)
     controls = [c for c in ("oracle", "truth") if c in agg]
     variants = [n for n in agg if n not in controls]
+    swept, common = sweep_overrides(sweep.runs)
     md = [f"# gravprobe sweep report: {sweep.dir.name}", "",
-          f"{len(sweep.runs)} runs; variants: {', '.join(variants) or '—'}; "
-          f"swept: {', '.join(_varying_overrides(sweep.runs)) or '—'}.", ""]
+          f"{len(sweep.runs)} runs; variants: {', '.join(variants) or '—'}; swept: {', '.join(swept) or '—'}; "
+          f"common overrides: {' '.join(f'`{c}`' for c in common) or '—'}.", ""]
     incomplete = [r for r in sweep.runs if not r.complete]
     if sweep.complete:
         md += ["Status: **complete** (every run finished every stage).", ""]
