@@ -13,12 +13,15 @@ Supported
                row statistic E), one over key blocks (dK, dV, d ks) that recomputes the weights.
 
 Tested with
-    Triton 3.9.0, torch 2.13 — interpreter mode (``TRITON_INTERPRET=1``) on CPU only. NOT yet compiled
-    or run on a GPU: the block sizes in ``ops.py`` are untuned guesses and GPU correctness is unproven
-    until ``pytest -m gpu tests/test_kernels.py`` has passed on one.
+    Triton 3.9.0, torch 2.13 — run only in interpreter mode (``TRITON_INTERPRET=1``) on a CPU
+    (``tests/test_kernels.py``); compiled ahead of time to cubins for sm_80 and sm_90 without a GPU
+    (``python -m gravprobe.kernels.compile_check``, all 81 specialisations). NOT yet run on a GPU: the
+    block sizes in ``ops.py`` are untuned guesses, and GPU correctness and speed are unproven until
+    ``pytest -m gpu tests/test_kernels.py`` and ``benchmarks/bench_attention.py`` have run on one.
 
 Known limits
-    * No float64 (use the PyTorch reference).
+    * No float64 (use the PyTorch reference); v must have the head dim of q and k.
+    * Offsets along T are 32-bit: T·H·D < 2³¹ per batch element.
     * No dropout, no attention bias, no key-padding mask other than the sequence end.
     * In the interpreter every tile is up-cast to float32 right after loading (bfloat16 tiles load as
       garbage there); on a GPU the matrix products run in the input dtype (fp16/bf16) with float32
