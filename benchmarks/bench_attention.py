@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -40,7 +41,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from gravprobe.attention import reference_attention
 
 DEFAULT_VARIANTS = ("softplus", "lssa", "lssar")
@@ -53,15 +53,19 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
+def _call(fn, q, k, v, *, variant):
+    return fn(q, k, v, variant)
+
+
 def _implementations(variants, device):
     impls = {"sdpa": _sdpa}
     if device == "cuda":
         from gravprobe.kernels import fused_attention
 
         for variant in variants:
-            impls[f"kernel:{variant}"] = (lambda v_: lambda q, k, v: fused_attention(q, k, v, v_))(variant)
+            impls[f"kernel:{variant}"] = functools.partial(_call, fused_attention, variant=variant)
     for variant in variants:
-        impls[f"eager:{variant}"] = (lambda v_: lambda q, k, v: reference_attention(q, k, v, v_))(variant)
+        impls[f"eager:{variant}"] = functools.partial(_call, reference_attention, variant=variant)
     return impls
 
 
@@ -162,7 +166,7 @@ def _cpu_name() -> str:
 
 
 def environment() -> dict:
-    import triton  # noqa: PLC0415
+    import triton
 
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

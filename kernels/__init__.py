@@ -18,7 +18,7 @@ import os
 
 SUPPORTED_VARIANTS = ("softplus", "lssa", "lssar")
 
-__all__ = ["SUPPORTED_VARIANTS", "is_available", "supports", "fused_attention"]
+__all__ = ["SUPPORTED_VARIANTS", "fused_attention", "is_available", "supports"]
 
 
 def is_available() -> bool:

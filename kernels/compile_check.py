@@ -64,11 +64,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from gravprobe.kernels import ops
     from gravprobe.kernels import triton_attention as kernels
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
@@ -76,15 +75,15 @@ def main(argv=None) -> int:
         fn = getattr(kernels, name)
         cfg = ops._config(d, backward=name != "_fwd_kernel")
         scalars = ops._scalars(variant, d, 15.0, 1.0, 3, 2.718281828459045)
-        consts = dict(CAUSAL=True, LENGTH_SCALE=scalars["LENGTH_SCALE"], LSSAR=scalars["LSSAR"],
-                      NORM=variant != "softplus", POWER_INT=scalars["POWER_INT"], BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, UPCAST=False,
-                      PRECISION="ieee" if dtype == "fp32" else "tf32")
+        consts = {"CAUSAL": True, "LENGTH_SCALE": scalars["LENGTH_SCALE"], "LSSAR": scalars["LSSAR"],
+                      "NORM": variant != "softplus", "POWER_INT": scalars["POWER_INT"], "BLOCK_M": cfg.block_m,
+                      "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "UPCAST": False,
+                      "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
         t0 = time.time()
         try:
             compiled = triton.compile(ASTSource(fn, _signature(fn, dtype, consts), constexprs=consts),
                                       target=target,
-                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                                      options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
             print(f"ok   sm_{args.arch} {name:16s} {variant:8s} {dtype} D={d:<3d} "
                   f"blocks {cfg.block_m}x{cfg.block_n}x{cfg.block_d} shared {compiled.metadata.shared} B "
                   f"({time.time() - t0:.1f} s)", flush=True)

@@ -76,17 +76,17 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 def _scalars(variant: str, head_dim: int, sharpen_power: float, offset: float, offset_until: int,
              log_base: float) -> dict:
     length_scale = variant in ("lssa", "lssar")
-    return dict(
-        scale=1.0 / math.sqrt(head_dim),
-        log_coef=math.log(head_dim) / math.log(log_base) ** 2 if length_scale else 0.0,
-        power=float(sharpen_power),
-        offset=float(offset),
-        offset_until=int(offset_until),
-        LENGTH_SCALE=length_scale,
-        LSSAR=variant == "lssar",
+    return {
+        "scale": 1.0 / math.sqrt(head_dim),
+        "log_coef": math.log(head_dim) / math.log(log_base) ** 2 if length_scale else 0.0,
+        "power": float(sharpen_power),
+        "offset": float(offset),
+        "offset_until": int(offset_until),
+        "LENGTH_SCALE": length_scale,
+        "LSSAR": variant == "lssar",
         # integer powers 1..63 compile to repeated squaring (one specialisation per power)
-        POWER_INT=_integer_power(sharpen_power) if variant == "lssar" else 0,
-    )
+        "POWER_INT": _integer_power(sharpen_power) if variant == "lssar" else 0,
+    }
 
 
 def _integer_power(p: float) -> int:
@@ -160,9 +160,9 @@ def _backward_impl(grad_out, q, k, v, q_scale, k_scale, out, stat_s, stat_m, sta
     scales = (q_scale if norm else dummy, k_scale if norm else dummy)
     scalars = _scalars(variant, D, sharpen_power, offset, offset_until, log_base)
     cfg = _config(D, backward=True)
-    common = dict(CAUSAL=causal, NORM=norm, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                  UPCAST=_INTERPRET, PRECISION=_precision(q.dtype),
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = {"CAUSAL": causal, "NORM": norm, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d,
+                  "UPCAST": _INTERPRET, "PRECISION": _precision(q.dtype),
+                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     # dQ first: for lssar it also writes the row statistic E that the dK/dV kernel reads
     _k._bwd_dq_kernel[(triton.cdiv(T, cfg.block_m), B * H)](
         q, k, v, *scales, grad_out, dq, d_q_scale if norm else dummy, *stats,

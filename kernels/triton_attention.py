@@ -36,7 +36,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
 # globals read inside @triton.jit functions must be tl.constexpr instances (the compiler rejects others;
 # the interpreter does not check)
 LOG2E = tl.constexpr(1.4426950408889634)

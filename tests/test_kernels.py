@@ -18,8 +18,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import gravprobe.kernels as kernels  # noqa: E402
-from gravprobe.attention import attend, reference_attention  # noqa: E402
+from gravprobe.attention import attend, reference_attention
+
+from gravprobe import kernels
 
 pytestmark = [
     pytest.mark.skipif(not kernels.is_available(), reason="Triton kernels need CUDA or TRITON_INTERPRET=1"),
@@ -30,7 +31,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
 ]
 
-from gravprobe.kernels import ops  # noqa: E402  (imports Triton; after the availability check)
+from gravprobe.kernels import ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
