@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_report_fixtures import write_run, write_sweep
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.py"

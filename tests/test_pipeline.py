@@ -10,10 +10,10 @@ import json
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
+from test_report_fixtures import variant_results
 
 from gravprobe import pipeline, report
 from gravprobe.common import update_results
-from test_report_fixtures import variant_results
 
 
 def make_cfg(*overrides: str):

@@ -24,7 +24,7 @@ VARIANTS = ["softmax", "lssa", "lssar"]
 def gravprobe(*args: str, home: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "GRAVPROBE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "gravprobe.cli", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -110,7 +110,7 @@ def test_bad_override_fails_before_any_work(tmp_path):
     env = {**os.environ, "GRAVPROBE_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "gravprobe.cli", "run", "experiment=smoke",
                            "pipeline.variants=[softmax,flash]", f"hydra.run.dir={tmp_path / 'run'}"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "unknown attention variant 'flash'" in err and "choose from:" in err and "lssar" in err
@@ -124,7 +124,7 @@ def test_bad_override_fails_before_any_work(tmp_path):
 def test_hydra_rejects_unknown_groups_and_keys(tmp_path, override, message):
     env = {**os.environ, "GRAVPROBE_HOME": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "gravprobe.cli", "run", override], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
 
 

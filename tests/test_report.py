@@ -5,9 +5,9 @@ import json
 import statistics
 
 import pytest
+from test_report_fixtures import LENGTHS, write_run, write_sweep
 
 from gravprobe import report
-from test_report_fixtures import LENGTHS, write_run, write_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -30,9 +30,10 @@ import importlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -72,13 +73,10 @@ def attention_choices() -> list[str]:
 
 def _cli_overrides() -> list[str]:
     """The command-line overrides of the running Hydra job (``[]`` outside Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
-        if HydraConfig.initialized():
-            return [str(o) for o in HydraConfig.get().overrides.task]
-    except Exception:  # noqa: BLE001 - no Hydra context: no command line
-        pass
+    if HydraConfig.initialized():
+        return [str(o) for o in HydraConfig.get().overrides.task]
     return []
 
 
@@ -287,8 +285,10 @@ def _complete(vdir: Path, section: str, vcfg: DictConfig | None = None) -> bool:
         return (vdir / "checkpoints" / "last.pt").exists()
     if section == "probes":
         pr = res["probes"]
-        sel = lambda key, default: (default if vcfg is None  # noqa: E731
-                                    else OmegaConf.select(vcfg, key, default=default))
+
+        def sel(key: str, default: Any) -> Any:
+            return default if vcfg is None else OmegaConf.select(vcfg, key, default=default)
+
         if sel("probe.head.enabled", True) and not pr.get("galaxies"):
             return False
         if sel("probe.oracle.enabled", False) and not (pr.get("oracle") or {}).get("galaxies"):

@@ -26,7 +26,8 @@ which grows stage by stage (``gravprobe.common.update_results``). The full schem
                   "galaxies": [{"seed": 0, "expression": "...", "newtonian": false, "reasons": "...",
                                 "exponents": {"r": [..], "m1": [..], "m2": [..]}, "r2_newton": 0.41},
                                ... one per galaxy (5) ...],
-                  "oracle": {"galaxies": [... same shape ...]}},
+                  "oracle": {"galaxies": [... same shape ...]},      # the 2-NN control (METHOD §4.4)
+                  "truth":  {"galaxies": [... same shape ...]}},     # true |F| + noise, same regression
      "pipeline": {...}}   # only in a `gravprobe run` folder, see below
 
 Losses are mean cross-entropy in nats per predicted token; length keys are multiples of the training
@@ -55,9 +56,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +177,7 @@ def _read_config(run_dir: Path, results: dict | None) -> dict:
 
             try:
                 return OmegaConf.to_container(OmegaConf.load(cand), resolve=False)  # type: ignore[return-value]
-            except Exception as e:  # an unparsable config is reported, not fatal
+            except Exception as e:  # noqa: BLE001 - an unparsable config is reported, not fatal
                 log.warning("cannot read %s: %s", cand, e)
     return {}
 
@@ -520,12 +522,12 @@ def fig_probe_r2(variants: dict[str, dict]):
         return None
     fig, axes = _figure(len(have), width=4.2)
     for ax, (name, lin) in zip(axes, have.items()):
-        for target, per_layer in lin.items():
+        for j, (target, per_layer) in enumerate(lin.items()):
             if not isinstance(per_layer, dict):
                 continue
             ks = [k for k in _length_keys([per_layer]) if isinstance(per_layer.get(k), (int, float))]
             ax.plot([float(k) if _isnum(k) else i for i, k in enumerate(ks)], [per_layer[k] for k in ks],
-                    marker=".", label=target)
+                    marker=".", ls=("-", "--", ":")[(j // 10) % 3], label=target)  # 10 colours, then dashes
         ax.set_xlabel("layer (0 = embeddings)")
         ax.set_ylabel("held-out R²")
         ax.set_ylim(max(-1.0, min(-0.05, ax.get_ylim()[0])), 1.02)
@@ -589,7 +591,7 @@ def plot_newtonian_counts(agg: dict[str, dict], out: Path) -> Path | None:
     return save_figure(fig_newtonian_counts(agg), out)
 
 
-def loss_series(result: "RunResult | SweepResult") -> tuple[dict[str, dict], dict[str, dict] | None]:
+def loss_series(result: RunResult | SweepResult) -> tuple[dict[str, dict], dict[str, dict] | None]:
     """``(series, errors)`` for ``fig_length_extrapolation``: a run's own values per variant, or a
     sweep's mean and sd across seeds per variant (``errors`` is None for a run)."""
     if isinstance(result, RunResult):
@@ -723,8 +725,8 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
             md.append("")
         if run.truth:
             n_ok = sum(bool(g.get("newtonian")) for g in run.truth)
-            md += [f"**truth** (true |F| with noise, the regression's own control) — newtonian in {n_ok} of "
-                   f"{len(run.truth)} galaxies", ""]
+            md += [(f"**truth** (true |F| with noise, the regression's own control) — newtonian in {n_ok} of "
+                    f"{len(run.truth)} galaxies"), ""]
             md += _md_table(GALAXY_HEADER, _galaxy_rows(run.truth))
             md.append("")
     preds = {n: force_predictions(v.dir) for n, v in run.variants.items() if v.dir.is_dir()}
@@ -752,7 +754,7 @@ def _config_block(config: dict) -> list[str]:
 
     try:
         text = OmegaConf.to_yaml(OmegaConf.create(config))
-    except Exception:  # a config with odd content is still shown
+    except Exception:  # noqa: BLE001 - a config with odd content is still shown
         text = json.dumps(config, indent=2, default=str)
     return ["<details><summary>resolved config</summary>", "", "```yaml", text.rstrip(), "```", "", "</details>", ""]
 
@@ -783,7 +785,8 @@ def sweep_overrides(runs: list[RunResult]) -> tuple[list[str], list[str]]:
             from omegaconf import OmegaConf
 
             items = [str(o) for o in OmegaConf.load(ov)]
-        except Exception:  # noqa: BLE001 - an unreadable file only loses this description
+        except Exception as e:  # noqa: BLE001 - an unreadable file only loses this description
+            log.debug("cannot read %s: %s", ov, e)
             continue
         n += 1
         for o in items:
@@ -801,8 +804,8 @@ def render_sweep(sweep: SweepResult) -> str:
     variants = [n for n in agg if n not in controls]
     swept, common = sweep_overrides(sweep.runs)
     md = [f"# gravprobe sweep report: {sweep.dir.name}", "",
-          f"{len(sweep.runs)} runs; variants: {', '.join(variants) or '—'}; swept: {', '.join(swept) or '—'}; "
-          f"common overrides: {' '.join(f'`{c}`' for c in common) or '—'}.", ""]
+          (f"{len(sweep.runs)} runs; variants: {', '.join(variants) or '—'}; swept: {', '.join(swept) or '—'}; "
+           f"common overrides: {' '.join(f'`{c}`' for c in common) or '—'}."), ""]
     incomplete = [r for r in sweep.runs if not r.complete]
     if sweep.complete:
         md += ["Status: **complete** (every run finished every stage).", ""]
