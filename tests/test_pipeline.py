@@ -221,3 +221,11 @@ def test_stop_after(monkeypatch, tmp_path):
     fake.calls.clear()
     assert pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false"), tmp_path / "run")["complete"]
     assert fake.calls == ["generate", "softmax/probe", "lssa/probe", "lssar/probe"]
+
+
+def test_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
+    fake = FakeStages(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(pipeline.PipelineConfigError, match="torchrun --nproc_per_node=N -m gravprobe.cli pretrain"):
+        pipeline.main(make_cfg(), tmp_path / "run")
+    assert fake.calls == []

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 LENGTHS = ("1", "2", "4", "8", "16")
-TARGETS = ("F_x", "F_y", "|F|", "r", "1/r", "1/r^2")
+TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "r", "inv_r", "inv_r2")  # as gravprobe.probes names them
 
 
 def galaxy(seed: int, newtonian: bool) -> dict:

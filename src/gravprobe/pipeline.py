@@ -19,6 +19,10 @@ several, so ``gravprobe run -m experiment=smoke attention=softmax,lssa,lssar`` t
 job; ``pipeline.variants=[...]`` on the command line always wins. The variant that is ``attention.name``
 keeps ``cfg.attention`` with all its overrides; the others get their packaged ``conf/attention/<name>.yaml``.
 
+Scale: ``gravprobe run`` is one process (it refuses to start under ``torchrun``); a sweep spreads runs
+over processes or cluster nodes (``-m``, ``hydra/launcher=submitit_slurm_gpu``); multi-GPU training of
+one variant is ``torchrun … -m gravprobe.cli pretrain``, then ``gravprobe probe``.
+
 Resuming: a killed run continues where it stopped when started again in the same folder —
 ``gravprobe run <same overrides> hydra.run.dir=<run folder>`` (the log prints this command at start).
 Datasets are shared between runs anyway. A run folder that holds a run of a different config is refused.
@@ -29,6 +33,7 @@ import copy
 import importlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -150,6 +155,11 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
                             f"choose from: {', '.join(choices)}")
     if len(set(variants)) != len(variants):
         problems.append(f"pipeline.variants names a variant twice: {variants}")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        problems.append(f"`gravprobe run` is one process (WORLD_SIZE={world}: started by torchrun?); train on "
+                        "several GPUs with `torchrun --nproc_per_node=N -m gravprobe.cli pretrain ...` per variant, "
+                        "then `gravprobe probe checkpoint=<run>/checkpoints/last.pt`")
     stop_after = _get(cfg, "pipeline.stop_after")
     if stop_after not in (None, "generate", "pretrain"):
         problems.append(f"pipeline.stop_after={stop_after!r}; choose from: null, generate, pretrain")

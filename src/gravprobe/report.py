@@ -666,13 +666,14 @@ GALAXY_HEADER = ["galaxy", "recovered law", "newtonian", "R² (best Newtonian fi
                  "reasons"]
 
 
+def _status(run: RunResult) -> list[str]:
+    if run.complete:
+        return ["Status: **complete**.", ""]
+    return ["Status: **incomplete** — " + "; ".join(run.problems) + ".", ""]
+
+
 def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##") -> list[str]:
     md: list[str] = []
-    if run.complete:
-        md.append("Status: **complete**.")
-    else:
-        md.append("Status: **incomplete** — " + "; ".join(run.problems) + ".")
-    md.append("")
     # losses
     rows = []
     for name, v in run.variants.items():
@@ -767,9 +768,52 @@ def render_run(run: RunResult) -> str:
         t = run.pipeline["timings_s"]
         md += ["Stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()
                                                  if isinstance(v, (int, float))) + ".", ""]
+    md += _status(run)
+    md += _summary(run)
     md += _run_sections(run, base, base / "figures")
     md += ["## Config", ""] + _config_block(run.config)
     return "\n".join(md) + "\n"
+
+
+def summary_table(run: RunResult) -> list[dict]:
+    """One row per variant (and the controls): the numbers a reader looks at first.
+
+    ``orbits@1x``/``orbits@16x``/``text@1x``/``text@16x``: validation loss (nats/token) at 1× and at the
+    longest measured multiple of the training length; ``newtonian``: "k/n" galaxies; ``best R² |F|``: the
+    best layer's linear-probe R² for the force magnitude (target ``F_mag``).
+    """
+    rows = []
+    for name, v in run.variants.items():
+        ext = (v.pretrain or {}).get("length_extrapolation") or {}
+        row: dict[str, Any] = {"model": name}
+        for mod in MODALITIES:
+            d = ext.get(mod) or {}
+            keys = [k for k in _length_keys([d]) if _isnum(k)]
+            row[f"{mod}@1x"] = d.get("1")
+            row[f"{mod}@max"] = d.get(keys[-1]) if keys else None
+            row[f"{mod} max x"] = keys[-1] if keys else None
+        lin = ((v.probes or {}).get("linear") or {}).get("F_mag") or {}
+        row["best R² |F|"] = max((x for x in lin.values() if isinstance(x, (int, float))), default=None)
+        row["newtonian"] = f"{sum(bool(g.get('newtonian')) for g in v.galaxies)}/{len(v.galaxies)}" if v.galaxies \
+            else None
+        rows.append(row)
+    for control, gals in (("oracle", run.oracle), ("truth", run.truth)):
+        if gals:
+            rows.append({"model": control, "newtonian": f"{sum(bool(g.get('newtonian')) for g in gals)}/{len(gals)}"})
+    return rows
+
+
+def _summary(run: RunResult) -> list[str]:
+    rows = summary_table(run)
+    if not rows:
+        return []
+    maxx = next((r.get("orbits max x") or r.get("text max x") for r in rows if r.get("orbits max x")
+                 or r.get("text max x")), None)
+    cols = ["model", "orbits@1x", "orbits@max", "text@1x", "text@max", "best R² |F|", "newtonian"]
+    header = ["model", "orbits loss 1×", f"orbits loss {maxx}×" if maxx else "orbits loss max",
+              "text loss 1×", f"text loss {maxx}×" if maxx else "text loss max",
+              "best linear-probe R² of \\|F\\|", "Newton recovered (galaxies)"]
+    return ["## Summary", "", *_md_table(header, [[r.get(c) for c in cols] for r in rows]), ""]
 
 
 def sweep_overrides(runs: list[RunResult]) -> tuple[list[str], list[str]]:
