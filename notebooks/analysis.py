@@ -83,11 +83,18 @@ display(Markdown(report.markdown_table(rejected, ["run", "model", "galaxy", "rea
 for r in runs:
     predictions = {name: report.force_predictions(v.dir) for name, v in r.variants.items()}
     fig = report.fig_force_predictions({n: p for n, p in predictions.items() if p})
-    if fig is None:
-        print(f"{r.dir.name}: no force predictions saved")
-        continue
     display(Markdown(f"**{r.dir.name}**"))
-    display(Image(data=report.figure_png(fig)))
+    if fig is not None:
+        display(Image(data=report.figure_png(fig)))
+        continue
+    # no prediction table in the run folder: the probe stage's own figure, per variant
+    for name, v in r.variants.items():
+        png = report.force_prediction_figure(v)
+        if png is not None:
+            display(Markdown(f"*{name}* (fine-tuned head, 2-NN oracle where run)"))
+            display(Image(filename=str(png)))
+        else:
+            print(f"{name}: no force predictions saved")
 
 # %% [markdown]
 # ## Validation loss against sequence length

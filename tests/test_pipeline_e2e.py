@@ -82,6 +82,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     for v in VARIANTS:
         assert f"**{v}** — newtonian in" in md
     assert "**oracle** (2-NN on the true state)" in md and "resolved config" in md
+    assert "predicted vs true force" in md and "## Summary" in md
     for png in ("loss_vs_length.png", "probe_r2.png"):
         assert (run / "figures" / png).read_bytes()[:4] == b"\x89PNG"
     print(f"\nsmoke pipeline (stop at step 10 + resume): {wall:.1f} s wall; stage timings {pipe['timings_s']}")
@@ -102,7 +103,8 @@ def test_smoke_pipeline_end_to_end(tmp_path, monkeypatch):
     from test_notebook import execute_notebook
 
     text, images = execute_notebook(run, monkeypatch)
-    assert "RunResult" in text and "| oracle |" in text and images >= 3
+    assert "RunResult" in text and "| oracle |" in text and "no force predictions saved" not in text
+    assert images >= 6  # newtonian counts, 3 force-prediction figures, loss vs length, probe R²
 
 
 def test_bad_override_fails_before_any_work(tmp_path):

@@ -451,6 +451,12 @@ def force_predictions(variant_dir: str | Path) -> dict[str, list[float]] | None:
     return None
 
 
+def force_prediction_figure(variant: VariantResult) -> Path | None:
+    """The probe stage's own predicted-vs-true force figure (``force_pred_vs_true.png``), if it made one."""
+    p = variant.dir / "force_pred_vs_true.png"
+    return p if p.exists() else None
+
+
 # ------------------------------------------------------------------------------------------- plots
 # ``fig_*`` build a matplotlib Figure (object API: no pyplot state, no GUI backend) or return None when
 # there is nothing to draw; ``save_figure`` writes one; ``figure_png`` gives its bytes (for notebooks).
@@ -736,6 +742,12 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
     if png:
         md += ["Fine-tuned force head on held-out steps, predicted against true |F|:", "",
                f"![predicted vs true force]({_rel(png, base)})", ""]
+    else:  # no prediction table saved: show the probe stage's own figure of each variant
+        stage_pngs = {n: force_prediction_figure(v) for n, v in run.variants.items()}
+        if any(stage_pngs.values()):
+            md += ["Predicted against true |F| on the held-out steps (the probe stage's figures):", ""]
+            md += [f"![{n}: predicted vs true force]({_rel(p, base)})" for n, p in stage_pngs.items() if p]
+            md.append("")
     # figures the stages made
     figs = []
     for v in run.variants.values():
