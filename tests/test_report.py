@@ -213,3 +213,18 @@ def test_sweep_callback_writes_sweep_report(tmp_path):
     report.SweepReportCallback().on_multirun_end(
         OmegaConf.create({"stage": "generate", "hydra": {"sweep": {"dir": str(other)}}}))
     assert not (other / "report.md").exists()
+
+
+def test_latest_skips_folders_without_results(tmp_path):
+    import os
+    import time
+
+    older = write_run(tmp_path / "runs" / "2026-01-01" / "10-00-00_run", ["lssar"])
+    failed = tmp_path / "runs" / "2026-01-01" / "11-00-00_run"
+    failed.mkdir(parents=True)
+    (failed / "config.yaml").write_text("stage: run\n")
+    now = time.time()
+    os.utime(older, (now - 100, now - 100))
+    assert report.latest(tmp_path) == older
+    with pytest.raises(report.ReportError, match="no run or sweep folders"):
+        report.latest(tmp_path / "empty")

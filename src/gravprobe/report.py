@@ -630,11 +630,13 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 
 def latest(home: str | Path | None = None) -> Path:
-    """The most recently modified run or sweep folder under ``home`` (default ``output_root()``)."""
+    """The most recently modified run or sweep folder under ``home`` (default ``output_root()``) that holds
+    results (a ``results.json``) or is a sweep; folders of runs that failed before any stage are skipped."""
     from gravprobe.common import output_root
 
     home = Path(home) if home else output_root()
-    cands = [p for sub in ("runs", "sweeps") for p in (home / sub).glob("*/*") if p.is_dir()]
+    cands = [p for sub in ("runs", "sweeps") for p in (home / sub).glob("*/*")
+             if (p / "results.json").exists() or (p / "multirun.yaml").exists()]  # not failed starts
     if not cands:
         raise ReportError(f"no run or sweep folders under {home}/runs or {home}/sweeps; run `gravprobe run "
                           "experiment=smoke` first or give a folder")
