@@ -90,6 +90,7 @@ def test_variant_config_uses_packaged_node_and_keeps_overrides():
     soft = pipeline.variant_config(cfg, "softmax")
     assert soft.attention.name == "softmax" and "sharpen_power" not in (soft.attention.get("params") or {})
     assert cfg.attention.name == "lssar"  # the original is untouched
+    assert pipeline.variant_config(make_cfg("attention.backend=torch"), "lssa").attention.backend == "torch"
     assert soft.model == cfg.model and soft.seed == cfg.seed
 
 
@@ -101,6 +102,7 @@ def test_variant_config_uses_packaged_node_and_keeps_overrides():
     (["train.steps=0"], "train.steps=0 must be an integer >= 1"),
     (["++data.seq_len=1"], "data.seq_len=1 must be an integer >= 2"),
     (["checkpoint=/x.pt"], "checkpoint= is for `gravprobe probe`"),
+    (["model.position=alibi"], "unknown model.position='alibi'; choose one of"),
     (["pipeline.stop_after=probe"], "pipeline.stop_after='probe'; choose from: null, generate, pretrain"),
     (["force_data.labelling.full_systems=null"], "leaves no partially labelled sequences"),
     (["force_data.n_systems=20", "force_data.labelling.full_systems=18", "force_data.seq_len=11"],
@@ -113,7 +115,7 @@ def test_bad_overrides_fail_before_any_work(monkeypatch, tmp_path, overrides, me
     with pytest.raises(pipeline.PipelineConfigError, match=message.replace("[", r"\[").replace("(", r"\(")) as e:
         pipeline.main(cfg, tmp_path / "run")
     assert fake.calls == []  # nothing generated or trained
-    if "unknown" in message or "empty" in message:
+    if "attention variant" in message or "is empty" in message:
         assert "choose from: " in str(e.value) and "lssar" in str(e.value)
 
 

@@ -52,8 +52,8 @@ STAGE_FUNCTIONS = {
     "probe": ("gravprobe.probes.pipeline", "main"),
 }
 #: config keys that may differ when a run folder is resumed (they do not change any result)
-RESUME_IGNORED_KEYS = ("stage", "workers", "threads", "device", "home", "out", "pipeline.report", "pipeline.stop_after",
-                       "report", "train.stop_at")
+RESUME_IGNORED_KEYS = ("stage", "workers", "threads", "device", "home", "out", "report", "pipeline.report",
+                       "pipeline.stop_after", "train.stop_at")
 
 
 class PipelineConfigError(ValueError):
@@ -117,7 +117,8 @@ def variant_config(cfg: DictConfig, name: str) -> DictConfig:
     """A copy of ``cfg`` whose ``attention`` node is variant ``name``.
 
     ``cfg.attention`` itself when it already is ``name`` (keeping its overrides), otherwise the packaged
-    ``conf/attention/<name>.yaml`` (``hydra.compose`` cannot run inside a running Hydra app).
+    ``conf/attention/<name>.yaml`` (``hydra.compose`` cannot run inside a running Hydra app) with
+    ``cfg.attention.backend`` carried over.
     """
     from importlib.resources import files
 
@@ -129,6 +130,8 @@ def variant_config(cfg: DictConfig, name: str) -> DictConfig:
         raise PipelineConfigError(f"unknown attention variant {name!r}; choose from: "
                                   f"{', '.join(attention_choices())}")
     node = OmegaConf.create(path.read_text())
+    if "backend" in cfg.attention and "backend" in node:
+        node.backend = cfg.attention.backend  # the backend choice (e.g. attention.backend=torch) is for all
     with open_dict(out):
         out.attention = node
     return out
@@ -188,18 +191,24 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
     seq_len = _get(cfg, "train.seq_len")
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
         problems.append(f"train.seq_len={seq_len!r} must be >= 2 (or null for the data's length)")
-    # the datasets' own checks (typed errors of the orbit spec), without generating anything
-    specs = {}
-    try:
-        from gravprobe.orbits import DatasetSpec
-    except ImportError:
-        DatasetSpec = None  # orbits not installed: the checks above are all we can do
-    if DatasetSpec is not None:
-        for ds in ("data", "force_data"):
+    # the stages' own checks, without doing any work: the orbit specs' typed errors, and the model
+    # config of every variant (unknown keys, positions, divisibility)
+    from gravprobe.orbits import DatasetSpec
+
+    for ds in ("data", "force_data"):
+        try:
+            DatasetSpec.from_config(cfg[ds])
+        except (ValueError, TypeError, KeyError) as e:
+            problems.append(f"{ds}: {e}")
+    if not problems:
+        from gravprobe.pretrain.train import model_config
+
+        for v in variants:
             try:
-                specs[ds] = DatasetSpec.from_config(cfg[ds])
-            except (ValueError, TypeError, KeyError) as e:
-                problems.append(f"{ds}: {e}")
+                model_config(variant_config(cfg, v), int(cfg.data.n_bins) + 3, 257)
+            except (ValueError, TypeError) as e:
+                problems.append(f"model ({v}): {e}")
+                break
     problems += _probe_size_problems(cfg)
     if problems:
         raise PipelineConfigError("the config cannot run:\n  - " + "\n  - ".join(problems))
