@@ -27,8 +27,9 @@ from gravprobe.orbits.physics import G
 from gravprobe.orbits.priors import DEFAULT_PRIORS
 
 
-def baseline_sequence(rng: np.random.Generator, seq_len: int = 1000, n_bins: int = 7000, L: float = 50.0):
-    """One pretraining sequence, scalar style: priors per system, a Newton solve per point."""
+def baseline_system(rng: np.random.Generator):
+    """One system drawn per call from the METHOD.md §1.2 priors, scalar style (both baselines share it):
+    K planets, e, a (AU), planet masses, star mass (M☉), dt (yr), argument of periapsis, mean anomaly."""
     p = DEFAULT_PRIORS
     K = int(rng.integers(1, 11))
     e = stats.beta(p["eccentricity"]["a"], p["eccentricity"]["b"]).rvs(size=K, random_state=rng)
@@ -40,6 +41,12 @@ def baseline_sequence(rng: np.random.Generator, seq_len: int = 1000, n_bins: int
     dt = [0.0189, 0.486][int(rng.integers(0, 2))]
     omega = rng.uniform(0, 2 * math.pi, K)
     M0 = rng.uniform(0, 2 * math.pi, K)
+    return K, e, a, mp, ms, dt, omega, M0
+
+
+def baseline_sequence(rng: np.random.Generator, seq_len: int = 1000, n_bins: int = 7000, L: float = 50.0):
+    """One pretraining sequence, scalar style: priors per system, a Newton solve per point."""
+    K, e, a, mp, ms, dt, omega, M0 = baseline_system(rng)
     com = rng.normal(0, 1, 2)
     star = (float(com[0]), float(com[1]))
     w = 2 * L / n_bins
@@ -87,17 +94,7 @@ def baseline_sequence_numpy(rng: np.random.Generator, seq_len: int = 1000, n_bin
     ``scipy.optimize.newton`` solve and small numpy vectors for the state, rotation, force and bins."""
     from scipy.optimize import newton
 
-    p = DEFAULT_PRIORS
-    K = int(rng.integers(1, 11))
-    e = stats.beta(p["eccentricity"]["a"], p["eccentricity"]["b"]).rvs(size=K, random_state=rng)
-    a = stats.uniform(0.3, 31.7).rvs(size=K, random_state=rng)
-    pm = p["planet_mass"]
-    mp = np.clip(stats.gamma(pm["shape"], loc=pm["loc"], scale=pm["scale"]).rvs(size=K, random_state=rng), *pm["clip"])
-    ps = p["star_mass"]
-    ms = float(np.clip(stats.lognorm(ps["s"], loc=ps["loc"], scale=ps["scale"]).rvs(random_state=rng), *ps["clip"]))
-    dt = [0.0189, 0.486][int(rng.integers(0, 2))]
-    omega = rng.uniform(0, 2 * np.pi, K)
-    M0 = rng.uniform(0, 2 * np.pi, K)
+    K, e, a, mp, ms, dt, omega, M0 = baseline_system(rng)
     star = rng.normal(0, 1, 2)
     edges = np.linspace(-L, L, n_bins + 1)
     out_tokens, out_states, out_forces = [[n_bins + (dt == 0.486)] * 2], [np.zeros(6)], [np.zeros(2)]
