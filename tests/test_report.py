@@ -22,10 +22,11 @@ def test_complete_run_report(tmp_path):
     assert out == run_dir / "report.md"
     md = out.read_text()
     assert "Status: **complete**" in md
-    # the summary: per variant losses at 1x and 16x, best |F| probe, Newton count; the oracle's count
+    # the summary: per variant losses at 1x and 16x, best log|F| probe (0.47, not F_mag's 0.48), Newton
+    # count; the oracle's count
     summary = md.split("## Summary", 1)[1].split("##", 1)[0]
     assert "orbits loss 16×" in summary
-    assert "| lssar | 3.300 | 3.500 | 4.300 | 4.500 | 0.480 | 5/5 |" in summary
+    assert "| lssar | 3.300 | 3.500 | 4.300 | 4.500 | 0.470 | 5/5 |" in summary
     assert "| oracle | — | — | — | — | — | 5/5 |" in summary
     # every variant's galaxies, with their verdict counts, and the oracle's row
     assert "**softmax** — newtonian in 0 of 5 galaxies" in md

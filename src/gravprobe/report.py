@@ -793,8 +793,9 @@ def summary_table(run: RunResult) -> list[dict]:
     """One row per variant (and the controls): the numbers a reader looks at first.
 
     ``orbits@1x``/``orbits@16x``/``text@1x``/``text@16x``: validation loss (nats/token) at 1× and at the
-    longest measured multiple of the training length; ``newtonian``: "k/n" galaxies; ``best R² |F|``: the
-    best layer's linear-probe R² for the force magnitude (target ``F_mag``).
+    longest measured multiple of the training length; ``newtonian``: "k/n" galaxies; ``best R² log|F|``: the
+    best layer's linear-probe R² for the log force magnitude (target ``log_F_mag``; |F| spans five decades,
+    so a raw-|F| R² is decided by a few of the largest forces; falls back to ``F_mag`` when absent).
     """
     rows = []
     for name, v in run.variants.items():
@@ -806,8 +807,9 @@ def summary_table(run: RunResult) -> list[dict]:
             row[f"{mod}@1x"] = d.get("1")
             row[f"{mod}@max"] = d.get(keys[-1]) if keys else None
             row[f"{mod} max x"] = keys[-1] if keys else None
-        lin = ((v.probes or {}).get("linear") or {}).get("F_mag") or {}
-        row["best R² |F|"] = max((x for x in lin.values() if isinstance(x, (int, float))), default=None)
+        linear = (v.probes or {}).get("linear") or {}
+        lin = linear.get("log_F_mag") or linear.get("F_mag") or {}
+        row["best R² log|F|"] = max((x for x in lin.values() if isinstance(x, (int, float))), default=None)
         row["newtonian"] = f"{sum(bool(g.get('newtonian')) for g in v.galaxies)}/{len(v.galaxies)}" if v.galaxies \
             else None
         rows.append(row)
@@ -823,10 +825,10 @@ def _summary(run: RunResult) -> list[str]:
         return []
     maxx = next((r.get("orbits max x") or r.get("text max x") for r in rows if r.get("orbits max x")
                  or r.get("text max x")), None)
-    cols = ["model", "orbits@1x", "orbits@max", "text@1x", "text@max", "best R² |F|", "newtonian"]
+    cols = ["model", "orbits@1x", "orbits@max", "text@1x", "text@max", "best R² log|F|", "newtonian"]
     header = ["model", "orbits loss 1×", f"orbits loss {maxx}×" if maxx else "orbits loss max",
               "text loss 1×", f"text loss {maxx}×" if maxx else "text loss max",
-              "best linear-probe R² of \\|F\\|", "Newton recovered (galaxies)"]
+              "best linear-probe R² of log\\|F\\|", "Newton recovered (galaxies)"]
     return ["## Summary", "", *_md_table(header, [[r.get(c) for c in cols] for r in rows]), ""]
 
 
