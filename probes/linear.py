@@ -14,19 +14,11 @@ import logging
 from typing import Sequence
 
 import numpy as np
+from gravprobe.orbits import G, elements_from_state
 
 log = logging.getLogger(__name__)
 
-G = 4 * np.pi**2  # AU^3 yr^-2 Msun^-1 (METHOD.md units)
 TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "r", "inv_r", "inv_r2", "a", "e", "lrl_x", "lrl_y")
-
-
-def _elements(rel_pos, rel_vel, mu):
-    try:
-        from gravprobe.orbits import elements_from_state
-    except ImportError:
-        from gravprobe.orbits.physics import elements_from_state
-    return elements_from_state(rel_pos, rel_vel, mu)
 
 
 def probe_targets(state: np.ndarray, force: np.ndarray, names: Sequence[str] = TARGETS) -> np.ndarray:
@@ -38,7 +30,7 @@ def probe_targets(state: np.ndarray, force: np.ndarray, names: Sequence[str] = T
     force = np.asarray(force, dtype=np.float64)
     r = np.hypot(state[:, 0], state[:, 1])
     fm = np.hypot(force[:, 0], force[:, 1])
-    el = _elements(state[:, 0:2], state[:, 2:4], G * (state[:, 4] + state[:, 5]))
+    el = elements_from_state(state[:, 0:2], state[:, 2:4], G * (state[:, 4] + state[:, 5]))
     cols = {"F_x": force[:, 0], "F_y": force[:, 1], "F_mag": fm, "log_F_mag": np.log(fm), "r": r,
             "inv_r": 1 / r, "inv_r2": 1 / r**2, "a": el.a, "e": el.e, "lrl_x": el.lrl[:, 0],
             "lrl_y": el.lrl[:, 1]}

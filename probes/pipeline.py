@@ -190,10 +190,7 @@ def load_force_data(cfg):
 
 
 def load_model(cfg, run_dir: Path, device: str):
-    try:
-        from gravprobe.pretrain import load_checkpoint
-    except ImportError:  # the package may export it only from its training module
-        from gravprobe.pretrain.train import load_checkpoint
+    from gravprobe.pretrain import load_checkpoint
 
     ckpt = _get(cfg, "checkpoint") or Path(run_dir) / "checkpoints" / "last.pt"
     ckpt = Path(ckpt)
