@@ -1,9 +1,10 @@
 """Speed of the orbit dataset generator (not a test; run after tests/test_orbits*.py pass).
 
 Times the ``pretrain`` preset (1000-token multi-planet sequences, with states and force labels) built
-by the vectorised path (:func:`gravprobe.orbits.generate_arrays`, one process) against a scalar
+by :func:`gravprobe.orbits.generate_arrays` in one process -- with the fused numba engine
+(``orbits/fused.py``, the default) and with the whole-array numpy engine (same bytes) -- against a scalar
 baseline written below in the style of the literature's reference generator: one Newton solve of
-Kepler's equation per point in a Python loop. Both produce the same quantities per point (position,
+Kepler's equation per point in a Python loop. All produce the same quantities per point (position,
 relative state, force, tokens). Reports sequences per second per core (CPU time of this process, so
 that other load on the machine counts less) and wall time, their ratio, the ``nbody`` preset separately,
 and the extrapolated time for 10M pretraining sequences on all cores of this machine.
@@ -103,7 +104,7 @@ def baseline_sequence_numpy(rng: np.random.Generator, seq_len: int = 1000, n_bin
             mu = G * (mp[j] + ms)
             n = np.sqrt(mu / a[j] ** 3)
             M = np.mod(M0[j] + n * s * dt, 2 * np.pi)
-            E = newton(lambda E: E - e[j] * np.sin(E) - M, M, fprime=lambda E: 1 - e[j] * np.cos(E), tol=1e-12)
+            E = newton(lambda E: E - e[j] * np.sin(E) - M, M, fprime=lambda E: 1 - e[j] * np.cos(E), tol=1e-12)  # noqa: B023 (called at once)
             R = np.array([[np.cos(omega[j]), -np.sin(omega[j])], [np.sin(omega[j]), np.cos(omega[j])]])
             r = R @ np.array([a[j] * (np.cos(E) - e[j]), a[j] * np.sqrt(1 - e[j] ** 2) * np.sin(E)])
             k = a[j] * n / (1 - e[j] * np.cos(E))
@@ -141,23 +142,29 @@ def main() -> None:
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.2f}; numpy {np.__version__}")
 
     spec = DatasetSpec(name="pretrain", n_systems=args.systems, seq_len=1000, shard_size=min(1024, args.systems))
-    generate_arrays(spec.replace(n_systems=64), seed=99)  # warm-up
     # time block by block (1024 sequences each, `repeat` passes): the median is the typical rate, the best
     # the least disturbed by other processes on a shared machine
     block = spec.shard_size
-    per_block = []  # (wall, cpu) seconds per sequence
-    n_tok = 0
-    for _ in range(args.repeat):
-        for start in range(0, args.systems, block):
-            count = min(block, args.systems - start)
-            arr, w, c = _timed(lambda: generate_arrays(spec, seed=0, start=start, count=count))
-            per_block.append((w / count, c / count))
-            n_tok = int((arr["bodies"] >= 0).sum()) / count
-    walls, cpus = np.array(per_block).T
-    vec_cpu, vec_wall = 1 / np.median(cpus), 1 / np.median(walls)
-    print(f"vectorised pretrain: {args.repeat} x {args.systems} sequences ({n_tok:.0f} tokens each), per block of "
-          f"{block}: median {vec_cpu:,.0f} seq/s/core (CPU; {1e6 / vec_cpu:.0f} us/seq), best {1 / cpus.min():,.0f}; "
-          f"wall median {vec_wall:,.0f} seq/s")
+    rates = {}
+    for engine in ("numpy", "numba"):
+        os.environ["GRAVPROBE_ORBITS_ENGINE"] = engine
+        generate_arrays(spec.replace(n_systems=64), seed=99)  # warm-up (and numba's compile or cache load)
+        per_block = []  # (wall, cpu) seconds per sequence
+        for _ in range(args.repeat):
+            for start in range(0, args.systems, block):
+                count = min(block, args.systems - start)
+                arr, w, c = _timed(lambda: generate_arrays(spec, seed=0, start=start, count=count))  # noqa: B023
+                per_block.append((w / count, c / count))
+                n_tok = int((arr["bodies"] >= 0).sum()) / count
+        walls, cpus = np.array(per_block).T
+        rates[engine] = (1 / np.median(cpus), 1 / np.median(walls), 1 / cpus.min())
+        print(f"{engine:>5} engine, pretrain: {args.repeat} x {args.systems} sequences ({n_tok:.0f} tokens each), "
+              f"per block of {block}: median {rates[engine][0]:,.0f} seq/s/core (CPU; "
+              f"{1e6 / rates[engine][0]:.0f} us/seq), best {rates[engine][2]:,.0f}; wall median "
+              f"{rates[engine][1]:,.0f} seq/s")
+    os.environ.pop("GRAVPROBE_ORBITS_ENGINE")
+    vec_cpu, vec_wall, vec_best = rates["numba"]
+    print(f"fused (numba) engine: {vec_cpu / rates['numpy'][0]:.2f}x the numpy engine per core")
 
     rng = np.random.default_rng(0)
     _, bwall, bcpu = _timed(lambda: [baseline_sequence_numpy(rng) for _ in range(args.baseline)], args.repeat)
@@ -165,7 +172,7 @@ def main() -> None:
     print(f"scalar baseline (literature style: scipy newton + numpy per point): {args.baseline} sequences in "
           f"{bwall:.2f} s wall / {bcpu:.2f} s CPU -> {base_cpu:,.2f} seq/s/core, {1e3 / base_cpu:.1f} ms/seq "
           f"(the literature's generator: ~160 ms/seq)")
-    _, fwall, fcpu = _timed(lambda: [baseline_sequence(rng) for _ in range(args.baseline)], args.repeat)
+    _, _, fcpu = _timed(lambda: [baseline_sequence(rng) for _ in range(args.baseline)], args.repeat)
     fast_cpu = args.baseline / fcpu
     print(f"scalar baseline (plain-Python math, a tighter loop than the literature's): {1e3 / fast_cpu:.1f} ms/seq, "
           f"{fast_cpu:,.1f} seq/s/core")
@@ -174,7 +181,7 @@ def main() -> None:
           f"wall: {vec_wall / base_wall:,.0f}x")
     t10m = 1e7 / (vec_cpu * cores)
     print(f"extrapolated 10M pretrain sequences on {cores} cores: {t10m / 60:.1f} min at the median rate, "
-          f"{1e7 / (cores / cpus.min()) / 60:.1f} min at the best "
+          f"{1e7 / (vec_best * cores) / 60:.1f} min at the best "
           f"(literature-style baseline: {1e7 / (base_cpu * cores) / 3600:.1f} h)")
 
     if args.write:

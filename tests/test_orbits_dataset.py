@@ -83,6 +83,71 @@ def test_generate_arrays_is_pure_in_system_index():
         assert np.array_equal(longer["positions"][i, :n], full["positions"][i, :n])
 
 
+_ENGINE_CASES = {
+    "pretrain": dict(n_systems=40, seq_len=1000, shard_size=16),  # 40k planet tokens: several chunks
+    "partial_labels": dict(name="two_body_force", n_systems=30, seq_len=50, shard_size=8, planets=(1, 1),
+                           labelling={"full_systems": 20, "partial_steps": 2}),
+    "solar_system": dict(system="solar_system", n_systems=6, seq_len=300, shard_size=4, dt=0.486),
+    "short_and_int32_tokens": dict(n_systems=30, seq_len=13, n_bins=40000, shard_size=16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_ENGINE_CASES))
+def test_fused_engine_gives_the_numpy_bytes(case, monkeypatch):
+    """The numba engine (orbits/fused.py) repeats the numpy path operation by operation: same bytes."""
+    pytest.importorskip("numba")
+    from gravprobe.orbits import fused
+
+    spec = DatasetSpec(**_ENGINE_CASES[case])
+    out = {}
+    for engine in ("numpy", "numba"):
+        monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", engine)
+        assert fused.kepler_engine() == engine
+        out[engine] = generate_arrays(spec, seed=5)
+    monkeypatch.setattr(fused, "CHUNK_TOKENS", 257)  # many chunks, and systems longer than one chunk
+    out["small_chunks"] = generate_arrays(spec, seed=5)
+    for k in ARRAYS:
+        for other in ("numba", "small_chunks"):
+            a, b = out["numpy"][k], out[other][k]
+            assert a.dtype == b.dtype and a.shape == b.shape, (k, other)
+            assert np.array_equal(a, b), (k, other, np.argwhere(a != b)[:3])
+
+
+def test_fused_engine_near_parabolic_orbits(monkeypatch):
+    """e > 0.99999 takes extra Newton iterations in both engines; states stay on the ellipse."""
+    pytest.importorskip("numba")
+    from gravprobe.orbits import G, build_sequences, elements_from_state, sample_systems
+
+    spec = DatasetSpec(n_systems=4, seq_len=400, planets=(3, 3), shard_size=4)
+    p = sample_systems(np.random.default_rng(1), 4, planets=(3, 3))
+    p.e[:, 0] = [0.999991, 0.9999995, 0.99999999, 0.5]
+    p.a[:, 0] = [0.5, 30.0, 2.0, 1.0]
+    p.omega[1, 0], p.mean_anomaly[1, 0], p.dt_index[1] = 0.0, np.pi, 0  # starts at apoapsis, x ~ -60 AU
+    res = {}
+    for engine in ("numpy", "numba"):
+        monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", engine)
+        res[engine] = build_sequences(spec, p)
+    for k in ARRAYS:  # equal here; the polish uses libm's sin/cos against numpy's, which may differ by an ulp
+        np.testing.assert_allclose(res["numba"][k].astype(float), res["numpy"][k].astype(float), rtol=1e-12,
+                                   atol=0, err_msg=k)
+    st, b = res["numba"]["states"].astype(float), res["numba"]["bodies"]
+    first = b == 1
+    el = elements_from_state(st[first][:, :2], st[first][:, 2:4], G * (st[first][:, 4] + st[first][:, 5]))
+    e_true = np.repeat(p.e[:, 0], first.sum(1))
+    assert np.all(np.abs(el.e - e_true) < 1e-4)
+    assert np.all(res["numba"]["tokens"][1][b[1] == 1][:5, 0] == 0)  # beyond -50 AU: clipped to bin 0
+
+
+def test_unknown_engine_is_an_error(monkeypatch):
+    from gravprobe.orbits import fused
+
+    monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "fortran")
+    with pytest.raises(ValueError, match="GRAVPROBE_ORBITS_ENGINE='fortran'.*numba, numpy"):
+        generate_arrays(DatasetSpec(**SMALL), seed=0, count=2)
+    monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "numpy")
+    assert fused.kepler_engine() == "numpy"
+
+
 def test_same_bytes_for_one_and_two_workers_and_reload(tmp_path):
     spec = DatasetSpec(**SMALL)
     p1 = ensure_dataset(spec, tmp_path / "w1", seed=7, workers=1, progress=False)
