@@ -19,6 +19,7 @@ import math
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -185,11 +186,15 @@ def main() -> None:
           f"(literature-style baseline: {1e7 / (base_cpu * cores) / 3600:.1f} h)")
 
     if args.write:
-        with tempfile.TemporaryDirectory() as d:
-            wspec = spec.replace(n_systems=min(args.systems, 2048))
-            _, wwall, wcpu = _timed(lambda: ensure_dataset(wspec, d, seed=0, workers=1, progress=False))
-            print(f"write to disk (1 worker, incl. .npy files + sha256): {wspec.n_systems / wwall:,.0f} seq/s wall, "
-                  f"{wspec.n_systems / wcpu:,.0f} seq/s/core CPU")
+        n_write = min(args.systems, 2048)
+        for label, arrays in (("all arrays", None), ("tokens + bodies", ["tokens", "bodies"])):
+            with tempfile.TemporaryDirectory() as d:
+                wspec = spec.replace(n_systems=n_write, arrays=arrays)
+                _, wwall, wcpu = _timed(lambda: ensure_dataset(wspec, d, seed=0, workers=1, progress=False))  # noqa: B023
+                kb = sum(f.stat().st_size for f in Path(d).rglob("*.npy")) / n_write / 1024
+            print(f"write to disk, {label} ({kb:.1f} KB/seq; 1 worker, incl. .npy files + sha256): "
+                  f"{n_write / wwall:,.0f} seq/s wall, {n_write / wcpu:,.0f} seq/s/core CPU -> 10M on {cores} "
+                  f"cores: {1e7 / (n_write / wwall * cores) / 60:.1f} min, {kb * 1e7 / 1024**2:,.0f} GB")
 
     if args.nbody:
         nspec = DatasetSpec(name="nbody", mode="nbody", n_systems=args.nbody, shard_size=args.nbody)

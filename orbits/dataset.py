@@ -23,7 +23,7 @@ energy_error   [] float32       nbody mode: max relative energy drift over the s
 =============  ===============  ==========================================================================
 
 On disk: ``<out>/manifest.json`` plus ``<out>/shard-<k>/<array>.npy`` (one ``.npy`` per array per shard,
-memory-mappable). Shard k holds systems ``[k * shard_size, (k+1) * shard_size)`` and is a pure function of
+memory-mappable; every array, or those of ``DatasetSpec.arrays``). Shard k holds systems ``[k * shard_size, (k+1) * shard_size)`` and is a pure function of
 (spec, seed, k): its random numbers come from ``numpy.random.default_rng([seed, k, stream])``, so the
 bytes do not depend on the number of worker processes.
 """
@@ -36,6 +36,7 @@ import logging
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ FORMAT = "gravprobe-orbits/1"
 MODES = ("kepler", "nbody")
 SYSTEMS = ("prior", "solar_system")
 ARRAYS = ("tokens", "positions", "states", "forces", "labelled", "bodies", "dt", "n_bodies", "energy_error")
+PER_SYSTEM = ("dt", "n_bodies", "energy_error")  # always stored (``DatasetSpec.arrays`` selects the rest)
 _STREAM_PARAMS, _STREAM_LABELS = 0, 1
 
 
@@ -89,7 +91,10 @@ class DatasetSpec:
     the innermost orbit gets ``steps_per_orbit`` Wisdom–Holman steps (rounded up to a power of two, at most
     ``max_substeps``); systems whose relative energy drift exceeds ``energy_tolerance`` are re-integrated
     with 4x more sub-steps until they meet it or hit ``max_substeps`` (then they keep their
-    ``energy_error`` and a warning is logged).
+    ``energy_error`` and a warning is logged). ``arrays``: the per-token arrays written to disk (``null``:
+    all; e.g. ``[tokens, bodies]`` for a pretraining set of ~5 KB a sequence instead of ~46 KB); ``dt``,
+    ``n_bodies`` and ``energy_error`` are always written, ``tokens`` is required. In-memory arrays
+    (:func:`generate_arrays`) are always complete, and the choice does not change any array's bytes.
     """
 
     name: str = "pretrain"
@@ -107,6 +112,7 @@ class DatasetSpec:
     shard_size: int = 1024
     nbody: dict = field(default_factory=lambda: {"steps_per_orbit": 20.0, "max_substeps": 256,
                                                  "energy_tolerance": 1e-5})
+    arrays: tuple | None = None
 
     def __post_init__(self) -> None:
         self.dt_choices = tuple(float(x) for x in self.dt_choices)
@@ -122,6 +128,19 @@ class DatasetSpec:
                       "energy_tolerance": float(nb["energy_tolerance"])}
         self.coord_range = float(self.coord_range)
         self.dt = None if self.dt is None else float(self.dt)
+        if self.arrays is not None:
+            if isinstance(self.arrays, str) or not all(isinstance(a, str) for a in self.arrays):
+                raise ValueError(f"data.arrays={self.arrays!r} must be null or a list of array names from "
+                                 f"{list(ARRAYS)}, e.g. [tokens, bodies]")
+            bad = sorted(set(self.arrays) - set(ARRAYS))
+            if bad:
+                raise ValueError(f"data.arrays names unknown arrays {bad}; choose from {list(ARRAYS)} (or null "
+                                 "for all)")
+            if "tokens" not in self.arrays:
+                raise ValueError(f"data.arrays={list(self.arrays)} must include tokens")
+            keep = set(self.arrays) | set(PER_SYSTEM)
+            # all arrays is spelled null, so that the spec (and its hash) is the same either way
+            self.arrays = None if keep == set(ARRAYS) else tuple(a for a in ARRAYS if a in keep)
         for k in ("n_systems", "seq_len", "n_bins", "shard_size"):
             setattr(self, k, int(getattr(self, k)))
         unknown = set(self.labelling) - {"full_systems", "partial_steps"}
@@ -150,6 +169,10 @@ class DatasetSpec:
         d = dataclasses.asdict(self)
         d["dt_choices"] = list(self.dt_choices)
         d["planets"] = list(self.planets)
+        if self.arrays is None:  # all arrays: left out, so specs (and dataset hashes) from before the key match
+            del d["arrays"]
+        else:
+            d["arrays"] = list(self.arrays)
         return d
 
     def spec_hash(self) -> str:
@@ -200,6 +223,11 @@ class DatasetSpec:
     @property
     def tokenizer(self) -> OrbitTokenizer:
         return OrbitTokenizer(self.n_bins, self.coord_range, n_dt=len(self.dt_choices))
+
+    @property
+    def stored_arrays(self) -> tuple[str, ...]:
+        """The arrays a dataset of this spec holds on disk (``arrays``, in :data:`ARRAYS` order)."""
+        return ARRAYS if self.arrays is None else self.arrays
 
     @property
     def n_shards(self) -> int:
@@ -604,7 +632,7 @@ def _write_shard(spec_dict: dict, seed: int, k: int, out: str) -> dict:
     files = {}
     # no fsync: a crash can leave a shard that is renamed but not on disk, which the checksum
     # verification on resume (and load_dataset(verify=True)) detects and regenerates
-    for name in ARRAYS:
+    for name in spec.stored_arrays:
         f = tmp / f"{name}.npy"
         with open(f, "wb") as fh:
             np.save(fh, np.ascontiguousarray(arrays[name]))
@@ -616,12 +644,12 @@ def _write_shard(spec_dict: dict, seed: int, k: int, out: str) -> dict:
     return {"index": k, "start": start, "count": stop - start, "files": files}
 
 
-def _check_shard(out: Path, rec: dict, verify: bool) -> str | None:
-    """None if shard ``rec`` on disk matches its manifest record, else the reason."""
+def _check_shard(out: Path, rec: dict, verify: bool, names=ARRAYS) -> str | None:
+    """None if shard ``rec`` on disk holds the arrays ``names`` as its manifest record says, else the reason."""
     from gravprobe.common import sha256_file
 
     d = out / _shard_name(rec["index"])
-    for name in ARRAYS:
+    for name in names:
         f = d / f"{name}.npy"
         info = rec["files"].get(name)
         if info is None:
@@ -700,7 +728,7 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
     todo = []
     for k in range(spec.n_shards):
         rec = man["shards"][k]
-        why = "not written" if rec is None else _check_shard(out, rec, verify)
+        why = "not written" if rec is None else _check_shard(out, rec, verify, spec.stored_arrays)
         if why is not None:
             if rec is not None:
                 log.warning("dataset %s: shard %d will be regenerated: %s", out, k, why)
@@ -727,10 +755,20 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
 
             pool = mp.get_context("spawn").Pool(nproc)
             results = pool.imap_unordered(_write_shard_star, [(spec_dict, seed, k, str(out)) for k in todo])
+        # the manifest records each finished shard, so a resume keeps it; rewriting it (fsync'ed JSON that
+        # grows with the shard count) is spaced so that it takes at most ~10% of the time: after every
+        # shard while it is small, less often for 10M-sequence datasets (a kill then loses the few
+        # shards finished since the last write, which the resume regenerates)
+        pending, last, cost = 0, 0.0, 0.0
         for rec in results:
             man["shards"][rec["index"]] = rec
-            atomic_write_json(out / "manifest.json", man)
+            pending += 1
             bar.update(1)
+            if time.perf_counter() - last >= 10 * cost:
+                t0 = time.perf_counter()
+                atomic_write_json(out / "manifest.json", man)
+                pending, last = 0, time.perf_counter()
+                cost = last - t0
         if pool is not None:
             pool.close()
             pool.join()
@@ -740,6 +778,8 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
         raise
     finally:
         bar.close()
+        if "pending" in locals() and pending:
+            atomic_write_json(out / "manifest.json", man)
     man["complete"] = True
     man["code_version"] = code_version()
     atomic_write_json(out / "manifest.json", man)
@@ -751,6 +791,45 @@ def _write_shard_star(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- reading
+class _ShardFiles:
+    """The per-shard ``.npy`` files of one array, memory-mapped on first use. At most ``max_open`` maps stay
+    open (each holds a file descriptor, and a 10M-sequence dataset has ~10k shards per array); pickles as
+    its file names (no data), so data-loader workers reopen the files themselves."""
+
+    def __init__(self, files: list[Path], max_open: int = 64):
+        self.files = list(files)
+        self.max_open = int(max_open)
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        a = self._open.get(k)
+        if a is None:
+            a = self._open[k] = np.load(self.files[k], mmap_mode="r")
+        else:
+            self._open.move_to_end(k)
+        while len(self._open) > self.max_open:
+            self._open.popitem(last=False)
+        return a
+
+    def __getstate__(self) -> dict:
+        return {"files": self.files, "max_open": self.max_open}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
+def _npy_header(f: Path) -> tuple[tuple, np.dtype]:
+    """Shape and dtype from a ``.npy`` header, without mapping the file."""
+    with open(f, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    return tuple(shape), np.dtype(dtype)
+
+
 class ConcatArray:
     """A read-only array-like concatenation of per-shard arrays along axis 0, loaded lazily.
 
@@ -758,11 +837,14 @@ class ConcatArray:
     axis 0 (plus further axes in a tuple) and ``np.asarray`` (which reads everything).
     """
 
-    def __init__(self, parts: list[np.ndarray]):
+    def __init__(self, parts, lengths=None, row_shape=None, dtype=None):
+        """``parts``: arrays, or a sequence that yields them on demand (:class:`_ShardFiles`) together with
+        their ``lengths``, ``row_shape`` and ``dtype`` (so that nothing is opened until it is read)."""
         self.parts = parts
-        self.offsets = np.cumsum([0] + [len(p) for p in parts])
-        self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:])
-        self.dtype = parts[0].dtype
+        lengths = [len(p) for p in parts] if lengths is None else list(lengths)
+        self.offsets = np.cumsum([0] + lengths)
+        self.shape = (int(self.offsets[-1]),) + tuple(parts[0].shape[1:] if row_shape is None else row_shape)
+        self.dtype = np.dtype(parts[0].dtype if dtype is None else dtype)
         self.ndim = len(self.shape)
 
     def __len__(self) -> int:
@@ -813,9 +895,11 @@ class ConcatArray:
         flat = idx.ravel()
         out = np.empty((len(flat),) + self.shape[1:], self.dtype)
         shard = np.searchsorted(self.offsets, flat, side="right") - 1
-        for k in np.unique(shard):
-            sel = shard == k
-            out[sel] = self.parts[k][flat[sel] - self.offsets[k]]
+        order = np.argsort(shard, kind="stable")  # group the rows by shard: one read per shard
+        for sel in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1):
+            if len(sel):
+                k = shard[sel[0]]
+                out[sel] = self.parts[k][flat[sel] - self.offsets[k]]
         out = out.reshape(idx.shape + self.shape[1:])
         return out[(slice(None),) * idx.ndim + rest] if rest else out
 
@@ -836,6 +920,13 @@ class OrbitDataset:
         self.arrays = arrays
         for k, v in arrays.items():
             setattr(self, k, v)
+
+    def __getattr__(self, name: str):  # only called for attributes not set in __init__
+        if name in ARRAYS:
+            raise AttributeError(f"{self.path} holds only {list(self.spec.stored_arrays)} (its data.arrays), not "
+                                 f"{name!r}; generate it again with data.arrays=null (all arrays) or with "
+                                 f"{name} in the list")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -876,28 +967,35 @@ def load_dataset(path: str | os.PathLike, *, verify: bool = False) -> OrbitDatas
         missing = [k for k, r in enumerate(shards) if r is None]
         raise DatasetError(f"{path} is incomplete (shards not written: {missing[:10]}); "
                            f"finish it with: {fix}")
-    parts: dict[str, list] = {name: [] for name in ARRAYS}
+    files: dict[str, list] = {name: [] for name in spec.stored_arrays}
     for k, rec in enumerate(man["shards"]):
         start, stop = spec.shard_range(k)
         if rec["index"] != k or rec["start"] != start or rec["count"] != stop - start:
             raise DatasetError(f"{path}: manifest entry of shard {k} does not match the spec; "
                                f"regenerate with: {fix}")
-        why = _check_shard(path, rec, verify)
+        why = _check_shard(path, rec, verify, spec.stored_arrays)
         if why:
             raise DatasetError(f"{path}: shard {k} ({_shard_name(k)}/): {why}; regenerate it with: {fix}")
-        for name in ARRAYS:
+        for name in spec.stored_arrays:
             f = path / _shard_name(k) / f"{name}.npy"
             try:
-                a = np.load(f, mmap_mode="r")
-            except ValueError as e:
+                shape, dtype = _npy_header(f)
+            except (ValueError, OSError) as e:
                 raise DatasetError(f"{path}: shard {k}: {f.name} is unreadable ({e}); regenerate it with: "
                                    f"{fix}") from e
             info = rec["files"][name]
-            if list(a.shape) != info["shape"] or str(a.dtype) != info["dtype"] or len(a) != stop - start:
-                raise DatasetError(f"{path}: shard {k}: {f.name} has shape {a.shape} {a.dtype}, the manifest "
+            if list(shape) != info["shape"] or str(dtype) != info["dtype"] or shape[0] != stop - start:
+                raise DatasetError(f"{path}: shard {k}: {f.name} has shape {shape} {dtype}, the manifest "
                                    f"says {info['shape']} {info['dtype']}; regenerate it with: {fix}")
-            parts[name].append(a)
-    arrays = {name: (p[0] if len(p) == 1 else ConcatArray(p)) for name, p in parts.items()}
+            files[name].append(f)
+    arrays = {}
+    for name, fs in files.items():
+        info = man["shards"][0]["files"][name]
+        if len(fs) == 1:
+            arrays[name] = np.load(fs[0], mmap_mode="r")
+        else:
+            arrays[name] = ConcatArray(_ShardFiles(fs), [r["count"] for r in man["shards"]],
+                                       tuple(info["shape"][1:]), info["dtype"])
     return OrbitDataset(path, man, arrays)
 
 

@@ -35,11 +35,14 @@ def main(cfg, run_dir) -> dict:
         "path": str(path), "name": spec.name, "mode": spec.mode, "n_systems": len(ds),
         "seq_len": spec.seq_len,
         "n_shards": ds.meta["n_shards"], "seed": int(cfg.seed), "spec_hash": spec.spec_hash(),
-        "seconds": round(seconds, 3),
-        "labelled_steps": int(sum(np.asarray(ds.labelled[s:s + 4096]).sum()
-                                  for s in range(0, len(ds), 4096))),
+        "seconds": round(seconds, 3), "arrays": list(spec.stored_arrays),
+        "bytes": sum(f["bytes"] for rec in ds.meta["shards"] for f in rec["files"].values()),
         "max_energy_error": float(np.max(np.asarray(ds.energy_error))),
     }
+    if "labelled" in spec.stored_arrays:
+        summary["labelled_steps"] = int(sum(np.asarray(ds.labelled[s:s + 4096]).sum()
+                                            for s in range(0, len(ds), 4096)))
     update_results(run_dir, "generate", summary)
-    log.info("dataset %s: %d systems x %d tokens in %.1f s", path, len(ds), spec.seq_len, seconds)
+    log.info("dataset %s: %d systems x %d tokens, %.2f GB, in %.1f s", path, len(ds), spec.seq_len,
+             summary["bytes"] / 1e9, seconds)
     return summary

@@ -51,7 +51,8 @@ class OrbitSource:
         self.train_ids = np.arange(0, n - n_val)
         self.val_ids = np.arange(n - n_val, n)
         if self.mode == "continuous" and self.positions is None:
-            raise DatasetMismatchError("continuous orbit mode needs the dataset's positions array")
+            raise DatasetMismatchError("continuous orbit mode needs the dataset's positions array; generate the "
+                                       "dataset with positions in data.arrays (or data.arrays=null)")
 
     @property
     def seq_len(self) -> int:

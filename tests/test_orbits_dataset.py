@@ -167,8 +167,15 @@ def test_same_bytes_for_one_and_two_workers_and_reload(tmp_path):
     assert isinstance(t, ConcatArray) and len(t) == 50
     assert np.array_equal(t[17], mem["tokens"][17]) and np.array_equal(t[-1], mem["tokens"][-1])
     assert np.array_equal(t[10:40], mem["tokens"][10:40]) and np.array_equal(t[::7], mem["tokens"][::7])
-    idx = np.array([49, 0, 16, 15, 33])
+    idx = np.array([49, 0, 16, 15, 33, 16])
     assert np.array_equal(t[idx], mem["tokens"][idx])
+    # shards are mapped on demand, at most max_open at a time, and pickle as file names
+    t.parts.max_open = 2
+    assert np.array_equal(np.asarray(t), mem["tokens"]) and len(t.parts._open) <= 2
+    import pickle
+
+    blob = pickle.dumps(t)
+    assert len(blob) < 5000 and np.array_equal(pickle.loads(blob)[idx], mem["tokens"][idx])
     assert np.array_equal(t[idx, 1:3, 0], mem["tokens"][idx, 1:3, 0])
     mask = mem["n_bodies"] > 5
     assert np.array_equal(ds.states[mask], mem["states"][mask])
@@ -265,6 +272,37 @@ def test_load_dataset_detects_damage(tmp_path):
         load_dataset(tmp_path / "nothing")
 
 
+def test_arrays_option_writes_a_subset(tmp_path):
+    full_spec = DatasetSpec(**SMALL)
+    spec = DatasetSpec(**SMALL, arrays=["bodies", "tokens"])
+    assert spec.stored_arrays == ("tokens", "bodies", "dt", "n_bodies", "energy_error")
+    # "all arrays" is spelled null: the same spec and hash as a spec written before the key existed
+    assert DatasetSpec(**SMALL, arrays=list(ARRAYS)) == full_spec and "arrays" not in full_spec.to_dict()
+    assert spec.spec_hash() != full_spec.spec_hash() and spec.to_dict()["arrays"][:2] == ["tokens", "bodies"]
+    p = ensure_dataset(spec, tmp_path / "d", seed=0, workers=1, progress=False)
+    assert sorted(f.name for f in (p / "shard-00000").iterdir()) == [
+        "bodies.npy", "dt.npy", "energy_error.npy", "n_bodies.npy", "tokens.npy"]
+    ds = load_dataset(p, verify=True)
+    ref = generate_arrays(full_spec, seed=0)
+    for name in spec.stored_arrays:
+        assert np.array_equal(np.asarray(getattr(ds, name)), ref[name]), name
+    with pytest.raises(AttributeError, match=r"holds only \['tokens', 'bodies'.*data.arrays=null"):
+        ds.states
+    assert getattr(ds, "positions", None) is None
+    # damage is found and repaired in the subset too
+    f = p / "shard-00001" / "tokens.npy"
+    good = f.read_bytes()
+    f.write_bytes(good[:-4])
+    with pytest.raises(DatasetError, match=r"shard 1 .*tokens\.npy.*truncated"):
+        load_dataset(p)
+    ensure_dataset(spec, p, seed=0, workers=1, progress=False)
+    assert f.read_bytes() == good
+    for bad, msg in [(["states"], "must include tokens"), (["tokens", "velocity"], r"unknown arrays \['velocity'\]"),
+                     ("tokens", "must be null or a list")]:
+        with pytest.raises(ValueError, match=msg):
+            DatasetSpec(**SMALL, arrays=bad)
+
+
 def test_ensure_dataset_refuses_other_spec(tmp_path):
     spec = DatasetSpec(**SMALL)
     p = ensure_dataset(spec, tmp_path / "d", seed=0, workers=1, progress=False)
@@ -325,8 +363,14 @@ def test_generate_cli_end_to_end(tmp_path):
     assert r.returncode != 0 and "out=" in r.stderr and "seed" in r.stderr
     # out= works, and the stage never imports torch
     code = ("import sys; from gravprobe.cli import main; "
-            f"main(['generate', 'data=pretrain', 'data.n_systems=5', 'data.seq_len=30', 'out={tmp_path / 'o'}']); "
+            f"main(['generate', 'data=pretrain', 'data.n_systems=5', 'data.seq_len=30', 'out={tmp_path / 'o'}', "
+            "'data.arrays=[tokens,bodies]']); "
             "assert 'torch' not in sys.modules, 'generate imported torch'")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_dataset(tmp_path / "o").tokens.shape == (5, 30, 2)
+    res = max(tmp_path.glob("runs/*/*/results.json"), key=lambda f: f.stat().st_mtime)
+    summary = json.loads(res.read_text())["generate"]
+    assert summary["arrays"] == ["tokens", "bodies", "dt", "n_bodies", "energy_error"]
+    assert "labelled_steps" not in summary and summary["bytes"] == sum(
+        f.stat().st_size for f in (tmp_path / "o").rglob("*.npy"))

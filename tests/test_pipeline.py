@@ -108,6 +108,9 @@ def test_variant_config_uses_packaged_node_and_keeps_overrides():
     (["force_data.n_systems=20", "force_data.labelling.full_systems=18", "force_data.seq_len=11"],
      "fewer than one galaxy of probe.selection.galaxy_size=1000"),
     (["probe.selection.galaxy_size=6000"], "exceeds probe.selection.n_keep=5000"),
+    (["force_data.arrays=[tokens,bodies]"], "leaves out ['states', 'forces', 'labelled'], which the probes read"),
+    (["model.orbit_mode=continuous", "data.arrays=[tokens]"], "leaves out ['positions'], which model.orbit_mode"),
+    (["data.arrays=[tokens,velocities]"], "data: data.arrays names unknown arrays ['velocities']"),
 ])
 def test_bad_overrides_fail_before_any_work(monkeypatch, tmp_path, overrides, message):
     fake = FakeStages(monkeypatch)

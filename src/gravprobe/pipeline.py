@@ -195,11 +195,22 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
     # config of every variant (unknown keys, positions, divisibility)
     from gravprobe.orbits import DatasetSpec
 
+    specs = {}
     for ds in ("data", "force_data"):
         try:
-            DatasetSpec.from_config(cfg[ds])
+            specs[ds] = DatasetSpec.from_config(cfg[ds])
         except (ValueError, TypeError, KeyError) as e:
             problems.append(f"{ds}: {e}")
+    # the arrays each stage reads from disk (DatasetSpec.arrays may leave the others out)
+    needs = {"force_data": ("states", "forces", "labelled", "bodies")}
+    if _get(cfg, "model.orbit_mode") == "continuous":
+        needs["data"] = ("positions",)
+    for ds, names in needs.items():
+        missing = [n for n in names if ds in specs and n not in specs[ds].stored_arrays]
+        if missing:
+            problems.append(f"{ds}.arrays={list(specs[ds].stored_arrays)} leaves out {missing}, which "
+                            f"{'the probes' if ds == 'force_data' else 'model.orbit_mode=continuous'} read; "
+                            f"add them or set {ds}.arrays=null")
     if not problems:
         from gravprobe.pretrain.train import model_config
 
