@@ -1,4 +1,4 @@
-"""gravprobe.orbits — orbit simulator, tokenizer and sharded trajectory datasets (numpy only, no torch).
+"""gravprobe.orbits — orbit simulator, tokenizer and sharded trajectory datasets (numpy + numba, no torch).
 
 Units: AU, years, solar masses, ``G = 4 pi^2``. Quick use::
 

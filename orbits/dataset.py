@@ -55,6 +55,9 @@ MODES = ("kepler", "nbody")
 SYSTEMS = ("prior", "solar_system")
 ARRAYS = ("tokens", "positions", "states", "forces", "labelled", "bodies", "dt", "n_bodies", "energy_error")
 PER_SYSTEM = ("dt", "n_bodies", "energy_error")  # always stored (``DatasetSpec.arrays`` selects the rest)
+_STREAM_REDRAW = 2
+# nbody keys added later, with the defaults that keep earlier behaviour (and spec hashes)
+_NBODY_ADDED = {"above_tolerance": "keep", "max_redraws": 8}
 _STREAM_PARAMS, _STREAM_LABELS = 0, 1
 
 
@@ -90,8 +93,11 @@ class DatasetSpec:
     (seeded); ``null`` labels every planet step of every system. ``nbody``: sub-steps are chosen so that
     the innermost orbit gets ``steps_per_orbit`` Wisdom–Holman steps (rounded up to a power of two, at most
     ``max_substeps``); systems whose relative energy drift exceeds ``energy_tolerance`` are re-integrated
-    with 4x more sub-steps until they meet it or hit ``max_substeps`` (then they keep their
-    ``energy_error`` and a warning is logged). ``arrays``: the per-token arrays written to disk (``null``:
+    with 4x more sub-steps until they meet it or hit ``max_substeps``. Those that still exceed it (close
+    planet-planet encounters) are kept, flagged by ``energy_error`` and counted in a warning
+    (``above_tolerance: keep``, the default), or replaced by fresh draws from the priors, up to
+    ``max_redraws`` times (``redraw``; this conditions the distribution on systems the integrator can
+    follow to the tolerance, i.e. without close encounters). ``arrays``: the per-token arrays written to disk (``null``:
     all; e.g. ``[tokens, bodies]`` for a pretraining set of ~5 KB a sequence instead of ~46 KB); ``dt``,
     ``n_bodies`` and ``energy_error`` are always written, ``tokens`` is required. In-memory arrays
     (:func:`generate_arrays`) are always complete, and the choice does not change any array's bytes.
@@ -121,11 +127,12 @@ class DatasetSpec:
         lab = {"full_systems": None, "partial_steps": 2, **dict(self.labelling or {})}
         full = lab.pop("full_systems")
         self.labelling = {"full_systems": None if full is None else int(full), **lab}
-        nb = {"steps_per_orbit": 20.0, "max_substeps": 256, "energy_tolerance": 1e-5,
+        nb = {"steps_per_orbit": 20.0, "max_substeps": 256, "energy_tolerance": 1e-5, **_NBODY_ADDED,
               **dict(self.nbody or {})}
         self.nbody = {**nb, "steps_per_orbit": float(nb["steps_per_orbit"]),
                       "max_substeps": int(nb["max_substeps"]),
-                      "energy_tolerance": float(nb["energy_tolerance"])}
+                      "energy_tolerance": float(nb["energy_tolerance"]),
+                      "max_redraws": int(nb["max_redraws"])}
         self.coord_range = float(self.coord_range)
         self.dt = None if self.dt is None else float(self.dt)
         if self.arrays is not None:
@@ -145,7 +152,7 @@ class DatasetSpec:
             setattr(self, k, int(getattr(self, k)))
         unknown = set(self.labelling) - {"full_systems", "partial_steps"}
         unknown |= {f"nbody.{k}" for k in set(self.nbody)
-                    - {"steps_per_orbit", "max_substeps", "energy_tolerance"}}
+                    - {"steps_per_orbit", "max_substeps", "energy_tolerance", *_NBODY_ADDED}}
         if unknown:
             raise ValueError(f"unknown dataset spec keys {sorted(unknown)}")
         self.validate()
@@ -169,10 +176,15 @@ class DatasetSpec:
         d = dataclasses.asdict(self)
         d["dt_choices"] = list(self.dt_choices)
         d["planets"] = list(self.planets)
-        if self.arrays is None:  # all arrays: left out, so specs (and dataset hashes) from before the key match
+        # keys added after the format's first release are left out at their defaults, so that specs (and the
+        # hashes naming datasets) written before them still match
+        if self.arrays is None:
             del d["arrays"]
         else:
             d["arrays"] = list(self.arrays)
+        for k, v in _NBODY_ADDED.items():
+            if d["nbody"][k] == v:
+                del d["nbody"][k]
         return d
 
     def spec_hash(self) -> str:
@@ -195,6 +207,11 @@ class DatasetSpec:
             raise ValueError(f"data.dt_choices must hold the two time steps (yr), "
                              f"got {list(self.dt_choices)}")
         physics.check_dt(self.dt_choices)
+        if self.nbody["above_tolerance"] not in ("keep", "redraw"):
+            raise ValueError(f"data.nbody.above_tolerance={self.nbody['above_tolerance']!r}: choose keep (flag the "
+                             "system in energy_error) or redraw (replace it with a fresh draw)")
+        if self.nbody["max_redraws"] < 0:
+            raise ValueError(f"data.nbody.max_redraws must be >= 0, got {self.nbody['max_redraws']}")
         if self.dt is not None and float(self.dt) not in self.dt_choices:
             raise ValueError(f"data.dt={self.dt} must be null or one of data.dt_choices "
                              f"{list(self.dt_choices)}")
@@ -240,9 +257,11 @@ class DatasetSpec:
 
 
 # ---------------------------------------------------------------------------------------- the builder
-def _block_params(spec: DatasetSpec, seed: int, k: int) -> SystemParams:
-    """Parameters of the ``shard_size`` systems of block k (always the full block, for purity)."""
-    rng = np.random.default_rng([int(seed), int(k), _STREAM_PARAMS])
+def _block_params(spec: DatasetSpec, seed: int, k: int, redraw: int | None = None) -> SystemParams:
+    """Parameters of the ``shard_size`` systems of block k (always the full block, for purity); ``redraw``
+    = r: the r-th set of replacements for N-body systems that miss the energy tolerance."""
+    stream = [_STREAM_PARAMS] if redraw is None else [_STREAM_REDRAW, int(redraw)]
+    rng = np.random.default_rng([int(seed), int(k), *stream])
     dt_index = None if spec.dt is None else spec.dt_choices.index(float(spec.dt))
     return sample_systems(rng, spec.shard_size, system=spec.system, planets=spec.planets,
                           priors=spec.priors, n_dt=len(spec.dt_choices), dt_index=dt_index)
@@ -409,11 +428,6 @@ def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int,
         redo = todo[(err[todo] > tol) & (sub[todo] < int(cfg["max_substeps"]))]
         sub[redo] = np.minimum(sub[redo] * 4, int(cfg["max_substeps"]))
         todo = redo
-    bad = err > tol
-    if bad.any():
-        log.warning("nbody: %d of %d systems exceed the energy tolerance %.1e at max_substeps=%d "
-                    "(worst %.2e; likely close planet-planet encounters); see the energy_error array",
-                    bad.sum(), S, tol, int(cfg["max_substeps"]), err.max())
     # total force on each planet: star + other planets (steps past a system's end are zeros: ignore)
     err_state = np.seterr(divide="ignore", invalid="ignore")
     F = physics.gravity_force(planet_pos - star_pos[:, None], m[..., None], p.m_star[:, None, None])
@@ -444,6 +458,37 @@ def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int,
 _CHUNK_TOKENS = 16384
 
 
+def _build_nbody(spec: DatasetSpec, params: SystemParams, index, seed, block, rows) -> dict[str, np.ndarray]:
+    """N-body mode: :func:`_build_chunk`, then the ``above_tolerance`` policy for systems whose energy drift
+    still exceeds the tolerance at ``max_substeps``. A redrawn system's replacement is row ``rows[i]`` of
+    the block's r-th redraw stream, so the result stays a pure function of (spec, seed, system index)."""
+    cfg = spec.nbody
+    tol = cfg["energy_tolerance"]
+    out = _build_chunk(spec, params, index, seed, block, rows)
+    redrawn = 0
+    if cfg["above_tolerance"] == "redraw":
+        for r in range(cfg["max_redraws"]):
+            bad = np.nonzero(out["energy_error"] > tol)[0]
+            if not len(bad):
+                break
+            redrawn += len(bad)
+            fresh = _block_params(spec, seed, block, redraw=r).take(rows[bad])
+            part = _build_chunk(spec, fresh, index[bad], seed, block, rows[bad])
+            for name, a in part.items():
+                out[name][bad] = a
+    still = out["energy_error"] > tol
+    if redrawn:
+        log.info("nbody: %d redraws for systems above the energy tolerance %.1e at max_substeps=%d (close "
+                 "encounters)", redrawn, tol, cfg["max_substeps"])
+    if still.any():
+        fix = ("raise data.nbody.max_redraws" if cfg["above_tolerance"] == "redraw" else
+               "set data.nbody.above_tolerance=redraw to replace them")
+        log.warning("nbody: %d of %d systems exceed the energy tolerance %.1e at max_substeps=%d (worst %.2e; "
+                    "likely close planet-planet encounters); they are flagged in the energy_error array (%s)",
+                    still.sum(), len(still), tol, cfg["max_substeps"], out["energy_error"].max(), fix)
+    return out
+
+
 def build_sequences(spec: DatasetSpec, params: SystemParams, *, index: np.ndarray | None = None,
                     seed: int = 0, block: int = 0, rows: np.ndarray | None = None,
                     out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -459,11 +504,12 @@ def build_sequences(spec: DatasetSpec, params: SystemParams, *, index: np.ndarra
     if spec.mode == "kepler" and fused.kepler_engine() == "numba":
         return _build_fused(spec, params, index, seed, block, rows, out)
     chunk = S if spec.mode == "nbody" else max(1, _CHUNK_TOKENS // spec.seq_len)
+    build = _build_nbody if spec.mode == "nbody" else _build_chunk
     if S <= chunk and out is None:
-        return _build_chunk(spec, params, index, seed, block, rows)
+        return build(spec, params, index, seed, block, rows)
     for lo in range(0, S, chunk):
         sl = slice(lo, min(S, lo + chunk))
-        part = _build_chunk(spec, params.take(sl), index[sl], seed, block, rows[sl])
+        part = build(spec, params.take(sl), index[sl], seed, block, rows[sl])
         if out is None:
             out = {k: np.empty((S,) + v.shape[1:], v.dtype) for k, v in part.items()}
         for k, v in part.items():

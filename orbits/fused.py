@@ -1,23 +1,26 @@
 """Fused Kepler-mode sequence builder: numba loops around numpy's SIMD ``cbrt`` and ``tan``.
 
-The numpy path (:func:`gravprobe.orbits.dataset._simulate_kepler` plus the assembly in ``_build_chunk``)
+The numpy engine (:func:`gravprobe.orbits.dataset._simulate_kepler` plus the assembly in ``_build_chunk``)
 computes every quantity as a whole-grid array: ~40 float64 temporaries per token, which makes it bound by
 memory traffic, not arithmetic. A plain numba loop removes the traffic but is bound by scalar ``tan`` and
-``cbrt`` calls (~45 ns per token together, where numpy's SIMD loops take ~3 ns). This module does both:
-per chunk of ~16k planet tokens (held in the L2 cache)
+``cbrt`` calls (~45 ns per token together, where numpy's SIMD loops take ~3 ns). This module does both,
+per chunk of ``CHUNK_TOKENS`` planet tokens held in a scratch array (one row per quantity):
 
-1. ``_pass_starter`` (numba) reduces the mean anomaly and forms the argument of Mikkola's cube root;
+1. ``_pass_starter`` (numba, per system and step) reduces the mean anomaly, gathers the planet's
+   constants and forms the argument of Mikkola's cube root;
 2. ``np.cbrt`` (numpy, SIMD);
-3. ``_pass_tangent`` (numba) finishes the starter ``E0`` and forms the half-angle argument of the tangent;
+3. ``_pass_tangent`` (numba, flat) finishes the starter ``E0`` and forms the tangent's half-angle argument;
 4. ``np.tan`` (numpy, SIMD);
-5. ``_pass_write`` (numba) takes the Householder and Newton steps, forms the relative state, the force,
-   the observed position and the tokens, and writes every output array in place (star and padding rows
-   included), so nothing is assembled afterwards.
+5. ``_pass_solve`` (numba, flat and branch-free, so LLVM vectorises it) takes the Householder and Newton
+   steps and forms the relative state and the star's force;
+6. ``_pass_write`` (numba, per system and step) polishes near-parabolic tokens (e > 0.99999), forms the
+   observed positions and tokens and writes every output array in place, star, marker and padding rows
+   included, so nothing is assembled afterwards.
 
 The arithmetic repeats :func:`gravprobe.orbits.physics._kepler_sincos`, ``_kepler_xy`` and
 ``_simulate_kepler`` operation by operation (same order, no fused multiply-add, per-planet constants
-computed by the same numpy expressions), so both paths give the same bytes; ``tests/test_orbits_dataset.py``
-checks that on every output array. ``GRAVPROBE_ORBITS_ENGINE=numpy`` selects the numpy path (the
+computed by the same numpy expressions), so both engines give the same bytes; ``tests/test_orbits_dataset.py``
+checks that on every output array. ``GRAVPROBE_ORBITS_ENGINE=numpy`` selects the numpy engine (the
 reference, and the fallback where numba is not installed).
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# planet tokens per chunk: five float64 scratch arrays of this length (640 KB) stay in the L2 cache
+# planet tokens per chunk (the scratch array holds 17 float64 rows of this length)
 CHUNK_TOKENS = 16384
 _ENGINES = ("auto", "numba", "numpy")
 _kernels = None

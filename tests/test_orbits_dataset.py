@@ -303,6 +303,34 @@ def test_arrays_option_writes_a_subset(tmp_path):
             DatasetSpec(**SMALL, arrays=bad)
 
 
+def test_nbody_systems_above_tolerance_are_kept_or_redrawn(caplog):
+    # a tolerance the capped sub-steps cannot meet for every system (stands in for close encounters)
+    tol = 1e-7
+    base = dict(name="nb", mode="nbody", n_systems=24, seq_len=60, shard_size=8, planets=(2, 4))
+    nb = {"energy_tolerance": tol, "max_substeps": 4, "steps_per_orbit": 4}
+    keep = DatasetSpec(**base, nbody=nb)
+    red = DatasetSpec(**base, nbody={**nb, "above_tolerance": "redraw", "max_redraws": 3})
+    with caplog.at_level("WARNING", logger="gravprobe.orbits.dataset"):
+        a = generate_arrays(keep, seed=1)
+    high = a["energy_error"] > tol
+    assert high.sum() >= 3 and "above_tolerance=redraw" in caplog.text
+    b = generate_arrays(red, seed=1)
+    assert np.all(b["energy_error"] <= tol)
+    # systems that met the tolerance are untouched; the others are fresh draws
+    for k in ARRAYS:
+        assert np.array_equal(a[k][~high], b[k][~high]), k
+    assert not np.array_equal(a["tokens"][high], b["tokens"][high])
+    # still a pure function of (spec, seed, system index)
+    part = generate_arrays(red, seed=1, start=5, count=9)
+    for k in ARRAYS:
+        assert np.array_equal(b[k][5:14], part[k]), k
+    # the defaults (keep, 8) are left out of the spec dict: hashes from before these keys still match
+    assert "above_tolerance" not in keep.to_dict()["nbody"] and red.to_dict()["nbody"]["above_tolerance"] == "redraw"
+    assert DatasetSpec(**base, nbody={**nb, "above_tolerance": "keep", "max_redraws": 8}) == keep
+    with pytest.raises(ValueError, match="above_tolerance='drop': choose keep"):
+        DatasetSpec(**base, nbody={**nb, "above_tolerance": "drop"})
+
+
 def test_ensure_dataset_refuses_other_spec(tmp_path):
     spec = DatasetSpec(**SMALL)
     p = ensure_dataset(spec, tmp_path / "d", seed=0, workers=1, progress=False)
@@ -336,7 +364,7 @@ def test_presets_compose_and_validate():
     f = specs["two_body_force"]
     assert f.n_systems == 10000 and f.planets == (1, 1) and f.labelling == {"full_systems": 9000, "partial_steps": 2}
     assert specs["solar_system"].system == "solar_system" and specs["solar_system"].dt == 0.486
-    assert specs["nbody"].mode == "nbody"
+    assert specs["nbody"].mode == "nbody" and specs["nbody"].nbody["above_tolerance"] == "redraw"
     s = generate_arrays(specs["solar_system"].replace(n_systems=2, shard_size=2, seq_len=60), seed=0)
     assert np.all(s["n_bodies"] == 9) and np.all(s["tokens"][:, 0, 0] == 7001)
     np.testing.assert_allclose(np.unique(s["states"][..., 4][s["bodies"] >= 1]),
