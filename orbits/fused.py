@@ -67,10 +67,17 @@ def kepler_engine() -> str:
 
 
 def _get_kernels():
-    """Compile (or load from numba's on-disk cache) the three loops; imported lazily."""
+    """Compile (or load from numba's on-disk cache) the loops; numba is imported lazily."""
     global _kernels
     if _kernels is None:
-        _kernels = _build_kernels()
+        try:
+            _kernels = _build_kernels(cache=True)
+        except RuntimeError as e:  # no writable cache folder (read-only install and home): compile per process
+            if "cannot cache" not in str(e):
+                raise
+            log.info("numba cannot cache the orbit kernels (%s; set NUMBA_CACHE_DIR to a writable folder): "
+                     "compiling them in this process", e)
+            _kernels = _build_kernels(cache=False)
     return _kernels
 
 
@@ -79,12 +86,12 @@ _ROWS = ("Ma", "sg", "e", "E0", "tan", "a", "q", "cw", "sw", "n", "kG", "x", "y"
 R = {name: i for i, name in enumerate(_ROWS)}
 
 
-def _build_kernels():
+def _build_kernels(cache: bool = True):
     import numba
 
     from gravprobe.orbits.physics import G
 
-    jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+    jit = numba.njit(cache=cache, nogil=True, error_model="numpy")
     TWO_PI = 2.0 * math.pi
     HALF_PI = 0.5 * math.pi
     INV_TWO_PI = 0.5 / math.pi

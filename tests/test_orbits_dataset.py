@@ -138,6 +138,23 @@ def test_fused_engine_near_parabolic_orbits(monkeypatch):
     assert np.all(res["numba"]["tokens"][1][b[1] == 1][:5, 0] == 0)  # beyond -50 AU: clipped to bin 0
 
 
+def test_fused_engine_compiles_without_a_writable_cache(monkeypatch, caplog):
+    """A read-only install with no writable home: numba cannot cache, the kernels compile per process."""
+    numba_caching = pytest.importorskip("numba.core.caching")
+    from gravprobe.orbits import fused
+
+    monkeypatch.setattr(numba_caching.CacheImpl, "_locator_classes", [])
+    monkeypatch.setattr(fused, "_kernels", None)
+    monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "numba")
+    spec = DatasetSpec(n_systems=3, seq_len=40, shard_size=3)
+    with caplog.at_level("INFO", logger="gravprobe.orbits.fused"):
+        a = generate_arrays(spec, seed=0)
+    assert "cannot cache" in caplog.text
+    monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "numpy")
+    b = generate_arrays(spec, seed=0)
+    assert all(np.array_equal(a[k], b[k]) for k in ARRAYS)
+
+
 def test_unknown_engine_is_an_error(monkeypatch):
     from gravprobe.orbits import fused
 
@@ -146,6 +163,17 @@ def test_unknown_engine_is_an_error(monkeypatch):
         generate_arrays(DatasetSpec(**SMALL), seed=0, count=2)
     monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "numpy")
     assert fused.kepler_engine() == "numpy"
+
+    # without numba: auto falls back to the numpy engine (same bytes); asking for numba is an error
+    def no_numba():
+        raise ImportError("No module named 'numba'")
+
+    monkeypatch.setattr(fused, "_get_kernels", no_numba)
+    monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "auto")
+    assert fused.kepler_engine() == "numpy"
+    monkeypatch.setenv("GRAVPROBE_ORBITS_ENGINE", "numba")
+    with pytest.raises(ImportError, match="pip install numba"):
+        fused.kepler_engine()
 
 
 def test_same_bytes_for_one_and_two_workers_and_reload(tmp_path):
