@@ -23,9 +23,10 @@ energy_error   [] float32       nbody mode: max relative energy drift over the s
 =============  ===============  ==========================================================================
 
 On disk: ``<out>/manifest.json`` plus ``<out>/shard-<k>/<array>.npy`` (one ``.npy`` per array per shard,
-memory-mappable; every array, or those of ``DatasetSpec.arrays``). Shard k holds systems ``[k * shard_size, (k+1) * shard_size)`` and is a pure function of
-(spec, seed, k): its random numbers come from ``numpy.random.default_rng([seed, k, stream])``, so the
-bytes do not depend on the number of worker processes.
+memory-mappable; every array, or those of ``DatasetSpec.arrays``). Shard k holds systems
+``[k * shard_size, (k+1) * shard_size)`` and is a pure function of (spec, seed, k): its random numbers
+come from ``numpy.random.default_rng([seed, k, stream])``, so the bytes do not depend on the number of
+worker processes.
 """
 from __future__ import annotations
 
@@ -55,10 +56,9 @@ MODES = ("kepler", "nbody")
 SYSTEMS = ("prior", "solar_system")
 ARRAYS = ("tokens", "positions", "states", "forces", "labelled", "bodies", "dt", "n_bodies", "energy_error")
 PER_SYSTEM = ("dt", "n_bodies", "energy_error")  # always stored (``DatasetSpec.arrays`` selects the rest)
-_STREAM_REDRAW = 2
 # nbody keys added later, with the defaults that keep earlier behaviour (and spec hashes)
 _NBODY_ADDED = {"above_tolerance": "keep", "max_redraws": 8}
-_STREAM_PARAMS, _STREAM_LABELS = 0, 1
+_STREAM_PARAMS, _STREAM_LABELS, _STREAM_REDRAW = 0, 1, 2  # default_rng([seed, k, stream, ...])
 
 
 class DatasetError(RuntimeError):
@@ -97,10 +97,11 @@ class DatasetSpec:
     planet-planet encounters) are kept, flagged by ``energy_error`` and counted in a warning
     (``above_tolerance: keep``, the default), or replaced by fresh draws from the priors, up to
     ``max_redraws`` times (``redraw``; this conditions the distribution on systems the integrator can
-    follow to the tolerance, i.e. without close encounters). ``arrays``: the per-token arrays written to disk (``null``:
-    all; e.g. ``[tokens, bodies]`` for a pretraining set of ~5 KB a sequence instead of ~46 KB); ``dt``,
-    ``n_bodies`` and ``energy_error`` are always written, ``tokens`` is required. In-memory arrays
-    (:func:`generate_arrays`) are always complete, and the choice does not change any array's bytes.
+    follow to the tolerance, i.e. without close encounters). ``arrays``: the per-token arrays written to
+    disk (``null``: all; e.g. ``[tokens, bodies]`` for a pretraining set of ~5 KB a sequence instead of
+    ~46 KB); ``dt``, ``n_bodies`` and ``energy_error`` are always written, ``tokens`` is required.
+    In-memory arrays (:func:`generate_arrays`) are always complete, and the choice does not change any
+    array's bytes.
     """
 
     name: str = "pretrain"
@@ -208,8 +209,8 @@ class DatasetSpec:
                              f"got {list(self.dt_choices)}")
         physics.check_dt(self.dt_choices)
         if self.nbody["above_tolerance"] not in ("keep", "redraw"):
-            raise ValueError(f"data.nbody.above_tolerance={self.nbody['above_tolerance']!r}: choose keep (flag the "
-                             "system in energy_error) or redraw (replace it with a fresh draw)")
+            raise ValueError(f"data.nbody.above_tolerance={self.nbody['above_tolerance']!r}: choose keep "
+                             "(flag the system in energy_error) or redraw (replace it with a fresh draw)")
         if self.nbody["max_redraws"] < 0:
             raise ValueError(f"data.nbody.max_redraws must be >= 0, got {self.nbody['max_redraws']}")
         if self.dt is not None and float(self.dt) not in self.dt_choices:
@@ -555,7 +556,8 @@ def _check_params(spec: DatasetSpec, params: SystemParams) -> None:
                                      params.m_star[multi, None])
 
 
-def _build_fused(spec: DatasetSpec, params: SystemParams, index, seed, block, rows, out) -> dict[str, np.ndarray]:
+def _build_fused(spec: DatasetSpec, params: SystemParams, index, seed, block, rows,
+                 out) -> dict[str, np.ndarray]:
     """Kepler mode through :mod:`gravprobe.orbits.fused`: every array written in place into ``out``."""
     S = len(params.m_star)
     _check_params(spec, params)
