@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .reference import _check_qkv, reference_attention, resolve_params
+from .reference import _check_qkv, check_window, reference_attention, resolve_params
 
 logger = logging.getLogger(__name__)
 
@@ -140,16 +140,30 @@ def _requested_auto() -> str:
     return _check_backend(env, f"environment variable {ENV_VAR}") if env else "auto"
 
 
-def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backend: str = "auto") -> str:
+def _log_once(key: tuple[str, str], level: int, msg: str, *args: Any) -> None:
+    # Logging inside a torch.compile trace would break the graph; the eager first call logs instead.
+    if key not in _logged and not torch.compiler.is_compiling():
+        _logged.add(key)
+        logger.log(level, msg, *args)
+
+
+def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backend: str = "auto",
+                   window: int | None = None) -> str:
     """Resolve ``backend`` (``auto``/``torch``/``triton``) to the one that runs this call.
 
     Raises :class:`BackendUnavailableError` when ``triton`` is forced (by argument, override or
-    environment) but the kernels cannot run the call, with the reason.
+    environment) but the kernels cannot run the call, with the reason. A ``window`` (the Triton kernels
+    have none) resolves to ``torch`` even when ``triton`` is forced, and logs why once (issue 14 §2).
     """
     global _active
     requested = _check_backend(backend, "argument backend=")
     if requested == "auto":
         requested = _requested_auto()
+    if window is not None and requested == "triton":
+        _log_once(("window-fallback", str(q.device)), logging.WARNING,
+                  "attention backend 'triton' was requested with window=%d, which the Triton kernels do not "
+                  "implement; falling back to the torch reference (variant %s)", window, variant)
+        requested = "torch"
     if requested == "triton":
         ok, reason = kernel_support(q, variant, causal)
         if not ok:
@@ -162,14 +176,16 @@ def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backen
     else:
         chosen = "torch"
         if q.is_cuda and kernel_support(q, variant, causal)[0]:
-            chosen = "triton"
+            if window is None:
+                chosen = "triton"
+            else:
+                _log_once(("window-auto", str(q.device)), logging.INFO,
+                          "attention backend: torch instead of triton on %s because window=%d is set "
+                          "(the Triton kernels have no window)", q.device, window)
     _active = chosen
-    key = (chosen, str(q.device))
-    # Logging inside a torch.compile trace would break the graph; the eager first call logs instead.
-    if key not in _logged and not torch.compiler.is_compiling():
-        _logged.add(key)
-        logger.info("attention backend: %s on device %s (first call: variant %s, dtype %s)",
-                    chosen, q.device, variant, str(q.dtype).removeprefix("torch."))
+    _log_once((chosen, str(q.device)), logging.INFO,
+              "attention backend: %s on device %s (first call: variant %s, dtype %s)",
+              chosen, q.device, variant, str(q.dtype).removeprefix("torch."))
     return chosen
 
 
@@ -189,7 +205,7 @@ def backend_override(backend: str) -> Iterator[None]:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, causal: bool = True,
-           backend: str = "auto", **params: Any) -> torch.Tensor:
+           backend: str = "auto", window: int | None = None, **params: Any) -> torch.Tensor:
     """Attention of METHOD.md §2 by variant name, on the backend :func:`select_backend` picks.
 
     Args:
@@ -198,6 +214,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
         causal: row ``i`` (1-based) sees keys ``j <= i`` with ``n_i = i``; else all, ``n_i = T``.
         backend: ``"auto"`` (Triton on CUDA when it supports the call, else torch), ``"torch"`` or
             ``"triton"``.
+        window: ``W`` >= 1 (causal only; None = full causal context): row ``i`` sees keys
+            ``max(1, i-W+1) .. i`` and ``n_i = min(i, W)``. The Triton kernels have no window: such calls
+            run on the torch reference (logged once).
         **params: the variant's parameters by name (``log_base``, ``sharpen_power``, ``offset``,
             ``offset_until``, ``ssmax_scale``); missing ones take :data:`DEFAULT_PARAMS`; unknown ones
             raise ``ValueError``.
@@ -208,9 +227,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
     The Triton backend receives the fully resolved parameters (defaults filled in, ``log_base`` a float).
     """
     resolved = resolve_params(variant, params)
+    window = check_window(window, causal)
     _check_qkv(q, k, v)
-    chosen = select_backend(q, variant, causal=causal, backend=backend)
+    chosen = select_backend(q, variant, causal=causal, backend=backend, window=window)
     if chosen == "triton":
         kernels, _ = _load_kernels()
         return kernels.fused_attention(q, k, v, variant, causal=causal, **resolved)
-    return reference_attention(q, k, v, variant, causal=causal, **resolved)
+    return reference_attention(q, k, v, variant, causal=causal, window=window, **resolved)

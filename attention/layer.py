@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .dispatch import BACKENDS, attend, select_backend
-from .reference import VARIANTS, resolve_params
+from .reference import VARIANTS, attention_weights, check_window, resolve_params
 
 __all__ = ["CausalSelfAttention", "RotaryEmbedding", "apply_rotary"]
 
@@ -87,13 +87,15 @@ class CausalSelfAttention(nn.Module):
         rope_base: RoPE frequency base.
         bias: biases in the q/k/v and output projections.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`gravprobe.attention.attend`).
+        window: ``W`` >= 1 or None (full causal context): position ``i`` attends to the last ``W``
+            positions ``max(1, i-W+1) .. i`` only, with ``n_i = min(i, W)`` (METHOD.md §2 "Window W").
 
-    ``forward(x [B, T, C]) -> [B, T, C]``, any T >= 1.
+    ``forward(x [B, T, C]) -> [B, T, C]``, any T >= 1; ``attention_weights(x) -> [B, H, T, T]``.
     """
 
     def __init__(self, d_model: int, n_heads: int, variant: str, *, params: Mapping[str, Any] | None = None,
                  rope: bool = True, rope_base: float = 10000.0, bias: bool = False,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", window: int | None = None) -> None:
         super().__init__()
         if n_heads < 1 or d_model < 1 or d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
@@ -103,6 +105,7 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.variant, self.backend = variant, backend
+        self.window = check_window(window, True, where="attention.window")
         resolved = resolve_params(variant, params)
         if variant == "ssmax":
             init = torch.as_tensor(resolved.pop("ssmax_scale"), dtype=torch.float32)
@@ -115,8 +118,9 @@ class CausalSelfAttention(nn.Module):
     @classmethod
     def from_config(cls, node: Any, d_model: int, n_heads: int, rope: bool = True,
                     **kwargs: Any) -> "CausalSelfAttention":
-        """Build from the Hydra node ``cfg.attention`` = ``{name, params, backend}`` (or a dict, or just
-        a variant name). ``kwargs`` go to the constructor (``rope_base``, ``bias``)."""
+        """Build from the Hydra node ``cfg.attention`` = ``{name, params, backend, window}`` (or a dict, or
+        just a variant name; ``window`` may be absent or null = full causal context). ``kwargs`` go to the
+        constructor (``rope_base``, ``bias``)."""
         if isinstance(node, str):
             node = {"name": node}
         try:
@@ -127,18 +131,20 @@ class CausalSelfAttention(nn.Module):
         except ImportError:  # pragma: no cover
             pass
         if not isinstance(node, Mapping):
-            raise TypeError(f"attention config must be a mapping {{name, params, backend}} or a variant "
+            raise TypeError(f"attention config must be a mapping {{name, params, backend, window}} or a variant "
                             f"name, got {type(node).__name__}")
-        unknown = sorted(set(node) - {"name", "params", "backend"})
+        unknown = sorted(set(node) - {"name", "params", "backend", "window"})
         if unknown:
-            raise ValueError(f"attention config has unknown key(s) {unknown}; expected: name, params, backend")
+            raise ValueError(f"attention config has unknown key(s) {unknown}; expected: name, params, backend, "
+                             f"window")
         if "name" not in node:
             raise ValueError(f"attention config needs a 'name' (one of {', '.join(VARIANTS)})")
         params = node.get("params") or {}
         if not isinstance(params, Mapping):
             raise ValueError(f"attention.params must be a mapping, got {params!r}")
+        window = check_window(node.get("window"), True, where="attention.window")
         return cls(d_model, n_heads, node["name"], params=dict(params), rope=rope,
-                   backend=node.get("backend") or "auto", **kwargs)
+                   backend=node.get("backend") or "auto", window=window, **kwargs)
 
     def resolve_backend(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
         """The backend (``"torch"``/``"triton"``) this layer's attention will run on for inputs on
@@ -146,23 +152,43 @@ class CausalSelfAttention(nn.Module):
         ``torch.compile``, inside which nothing is logged). Raises ``BackendUnavailableError`` when the
         layer forces ``triton`` and the kernels cannot run."""
         probe = torch.empty(1, 1, self.n_heads, self.head_dim, dtype=dtype, device=device)
-        return select_backend(probe, self.variant, causal=True, backend=self.backend)
+        return select_backend(probe, self.variant, causal=True, backend=self.backend, window=self.window)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, T, C]`` -> ``[B, T, C]``; position ``t`` attends to positions ``<= t``."""
+    def _qkv_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """q, k (after RoPE), v ``[B, T, H, D]`` for input ``x`` ``[B, T, C]``, and the variant's params."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape [B, T, {self.d_model}], got {tuple(x.shape)}")
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         params = dict(self.params)
         if self.variant == "ssmax":
             params["ssmax_scale"] = self.ssmax_scale
-        y = attend(q, k, v, self.variant, causal=True, backend=self.backend, **params)
+        return q, k, v, params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T, C]`` -> ``[B, T, C]``; position ``t`` attends to positions ``<= t`` (the last
+        ``window`` of them when a window is set)."""
+        q, k, v, params = self._qkv_params(x)
+        B, T, C = x.shape
+        y = attend(q, k, v, self.variant, causal=True, backend=self.backend, window=self.window, **params)
         return self.out(y.reshape(B, T, C))
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights ``a_ij`` this layer applies for input ``x`` ``[B, T, C]`` (the layer's own input,
+        i.e. after the block's LayerNorm): ``[B, H, T, T]`` float32 (float64 for float64 ``x``), after the
+        variant and the window, zero on invisible keys; query rows ``i``, key columns ``j``.
+
+        Computed by the reference (:func:`gravprobe.attention.attention_weights`) whatever the backend:
+        ``weights @ v`` is the pre-projection output of :meth:`forward` up to the backend's rounding.
+        For analysis (probes), not for training: it materialises ``[B, H, T, T]``.
+        """
+        q, k, _, params = self._qkv_params(x)
+        return attention_weights(q, k, self.variant, causal=True, window=self.window, **params)
 
     def extra_repr(self) -> str:
         shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())
+        win = f", window={self.window}" if self.window is not None else ""
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, variant={self.variant}"
-                f"{', ' + shown if shown else ''}, backend={self.backend}")
+                f"{', ' + shown if shown else ''}, backend={self.backend}{win}")

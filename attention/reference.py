@@ -6,7 +6,8 @@ kernels in ``gravprobe.kernels`` are checked against this file).
 
 Conventions (METHOD.md §2): query rows ``i`` and keys ``j`` are 1-based; with ``causal=True`` row ``i``
 sees keys ``j <= i`` and ``n_i = i``; with ``causal=False`` every row sees all ``T`` keys and
-``n_i = T``. Every length-dependent quantity uses the row's own ``n_i``; no global length enters, so the
+``n_i = T``. A window ``W`` (``window=W``, causal only; ``None`` = the full causal context) limits row
+``i`` to keys ``max(1, i - W + 1) .. i``, and ``n_i = min(i, W)`` is the number of keys it sees. Every length-dependent quantity uses the row's own ``n_i``; no global length enters, so the
 same weights run at any ``T``. Half-precision inputs (float16, bfloat16) are computed in float32 and the
 result is returned in the input dtype; float32 and float64 are computed as given.
 
@@ -15,6 +16,7 @@ Derivations and numerics notes (the overflow-safe power, the uniform-row limit) 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping
 
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "VARIANTS",
     "DEFAULT_PARAMS",
     "resolve_params",
+    "check_window",
     "attention_weights",
     "reference_attention",
 ]
@@ -102,6 +105,21 @@ def resolve_params(variant: str, params: Mapping[str, Any] | None = None) -> dic
     return out
 
 
+def check_window(window: Any, causal: bool = True, *, where: str = "window") -> int | None:
+    """Validate a window ``W``: ``None`` (full causal context) or an integer >= 1; causal only.
+
+    Returns ``W`` as an int (or None). Raises ``ValueError`` naming ``where`` (e.g. ``attention.window``)."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, numbers.Real) or int(window) != window or window < 1:
+        raise ValueError(f"{where} must be a positive integer (keys each query sees, itself included) or "
+                         f"null for the full causal context; got {window!r}")
+    if not causal:
+        raise ValueError(f"{where}={window!r} needs causal=True (a window is max(1, i-W+1)..i); "
+                         f"drop the window or use causal attention")
+    return int(window)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -121,17 +139,25 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) 
         raise TypeError("q, k, v must be floating-point tensors (float16, bfloat16, float32 or float64)")
 
 
-def _row_lengths(T: int, causal: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``n_i`` for every query row as a ``[T, 1]`` column: ``i`` (1-based) if causal, else ``T``."""
+def _row_lengths(T: int, causal: bool, dtype: torch.dtype, device: torch.device,
+                 window: int | None = None) -> torch.Tensor:
+    """``n_i`` for every query row as a ``[T, 1]`` column: ``min(i, W)`` (1-based ``i``; ``W`` = inf
+    without a window) if causal, else ``T``."""
     if causal:
-        return torch.arange(1, T + 1, dtype=dtype, device=device).unsqueeze(-1)
+        n = torch.arange(1, T + 1, dtype=dtype, device=device)
+        if window is not None:
+            n = n.clamp_max(float(window))
+        return n.unsqueeze(-1)
     return torch.full((T, 1), float(T), dtype=dtype, device=device)
 
 
-def _visible(T: int, causal: bool, device: torch.device) -> torch.Tensor:
-    """``[T, T]`` bool: key ``j`` is visible from query ``i``."""
+def _visible(T: int, causal: bool, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """``[T, T]`` bool: key ``j`` is visible from query ``i`` (``i - W < j <= i`` with a window)."""
     if causal:
-        return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        if window is not None and window < T:
+            mask = mask.triu(-(window - 1))
+        return mask
     return torch.ones(T, T, dtype=torch.bool, device=device)
 
 
@@ -195,13 +221,15 @@ def _ssmax_scale(scale: Any, H: int, dtype: torch.dtype, device: torch.device) -
 
 
 def attention_weights(q: torch.Tensor, k: torch.Tensor, variant: str, *, causal: bool = True,
-                      **params: Any) -> torch.Tensor:
+                      window: int | None = None, **params: Any) -> torch.Tensor:
     """The attention weight matrix ``a_ij`` of METHOD.md §2.
 
     Args:
         q, k: ``[B, T, H, D]`` queries and keys (any floating dtype).
         variant: one of :data:`VARIANTS`.
         causal: row ``i`` sees keys ``j <= i`` (``n_i = i``); else all keys (``n_i = T``).
+        window: ``W`` >= 1 (causal only): row ``i`` sees keys ``max(1, i-W+1) .. i`` and
+            ``n_i = min(i, W)`` (enters every length-dependent term); ``None`` = full causal context.
         **params: variant parameters (see :data:`DEFAULT_PARAMS`): ``log_base``, ``sharpen_power``,
             ``offset``, ``offset_until``, ``ssmax_scale`` (scalar or ``[H]`` tensor, differentiable).
 
@@ -211,11 +239,12 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, variant: str, *, causal:
     """
     _check_qkv(q, k)
     p = resolve_params(variant, params)
+    window = check_window(window, causal)
     B, T, H, D = q.shape
     dtype = _compute_dtype(q.dtype)
     q, k = q.to(dtype), k.to(dtype)
-    n = _row_lengths(T, causal, dtype, q.device)
-    visible = _visible(T, causal, q.device)
+    n = _row_lengths(T, causal, dtype, q.device, window)
+    visible = _visible(T, causal, q.device, window)
 
     if variant == "softmax":
         return _dot_scores(q, k).masked_fill(~visible, float("-inf")).softmax(dim=-1)
@@ -241,15 +270,15 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, variant: str, *, causal:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *,
-                        causal: bool = True, **params: Any) -> torch.Tensor:
+                        causal: bool = True, window: int | None = None, **params: Any) -> torch.Tensor:
     """Attention output ``o_i = sum_j a_ij v_j`` with the weights of :func:`attention_weights`.
 
     Args:
-        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``.
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``; ``causal``, ``window``, ``params`` as there.
     Returns:
         ``[B, T, H, Dv]`` in the dtype of ``v`` (computed in float32 for half types).
     """
     _check_qkv(q, k, v)
-    a = attention_weights(q, k, variant, causal=causal, **params)
+    a = attention_weights(q, k, variant, causal=causal, window=window, **params)
     out = torch.einsum("bhij,bjhd->bihd", a, v.to(a.dtype))
     return out.to(v.dtype)

@@ -35,7 +35,7 @@ def _softplus(x: float) -> float:
 
 
 def loop_attention(q, k, v, variant, *, causal=True, log_base=math.e, sharpen_power=15.0, offset=1.0,
-                   offset_until=3, ssmax_scale=None):
+                   offset_until=3, ssmax_scale=None, window=None):
     B, T, H, D = q.shape
     q, k, v = q.double().tolist(), k.double().tolist(), v.double().tolist()
     log = lambda x: math.log(x) / math.log(log_base)  # noqa: E731
@@ -43,8 +43,13 @@ def loop_attention(q, k, v, variant, *, causal=True, log_base=math.e, sharpen_po
     for b in range(B):
         for h in range(H):
             for i in range(1, T + 1):                       # 1-based query row
-                n = i if causal else T                      # visible keys
-                keys = range(1, n + 1)
+                if window is not None:                      # METHOD §2 "Window W"
+                    keys = range(max(1, i - window + 1), i + 1)
+                    n = min(i, window)
+                else:
+                    n = i if causal else T                  # visible keys
+                    keys = range(1, n + 1)
+                assert len(keys) == n
                 qi = q[b][i - 1][h]
                 s = {j: sum(x * y for x, y in zip(qi, k[b][j - 1][h])) / math.sqrt(D) for j in keys}
                 if variant == "softmax":
@@ -63,9 +68,7 @@ def loop_attention(q, k, v, variant, *, causal=True, log_base=math.e, sharpen_po
                         e[j] = _softplus(log(D) * log(n) * cos)
                     a = {j: e[j] / sum(e.values()) for j in keys}
                     if variant == "lssar":
-                        o = 0.0 if i <= offset_until else offset   # causal: n_i = i
-                        if not causal:
-                            o = 0.0 if n <= offset_until else offset
+                        o = 0.0 if n <= offset_until else offset   # the row's own n_i
                         w = {j: max(n * a[j] - o, 0.0) ** sharpen_power for j in keys}
                         total = sum(w.values())      # all 0: the limit is the uniform row (§2 note)
                         a = {j: (w[j] / total if total > 0 else 1.0 / n) for j in keys}
@@ -296,3 +299,71 @@ def test_bad_input_errors_name_the_problem():
         attend(q, k[:, :3], v, "softmax")
     with pytest.raises(ValueError, match=r"backend"):
         attend(q, k, v, "softmax", backend="cuda")
+
+
+# --- window W (METHOD §2 "Window W", issue 14 §2) ------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T,window", [(1, 1), (7, 1), (7, 2), (9, 3), (11, 5), (6, 6), (6, 9)])
+def test_window_matches_loop_transcription(variant, T, window):
+    q, k, v = _qkv(B=1, T=T, H=2, D=3, seed=T + 7 * window)
+    got = attend(q, k, v, variant, backend="torch", window=window)
+    want = loop_attention(q, k, v, variant, window=window)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant,params", [
+    ("lssar", {"sharpen_power": 3, "offset": 0.5, "offset_until": 1, "log_base": 10.0}),
+    ("lssar", {"sharpen_power": 15.0, "offset": 1.0, "offset_until": 3}),   # o_i = 0 while n_i <= 3
+    ("sigmoid", {"log_base": 2.0}),
+    ("ssmax", {"ssmax_scale": torch.tensor([0.5, 2.0], dtype=torch.float64), "log_base": 3.0}),
+])
+def test_window_matches_loop_with_params(variant, params):
+    q, k, v = _qkv(B=2, T=10, H=2, D=4, seed=5)
+    for window in (2, 4, 7):
+        got = attend(q, k, v, variant, backend="torch", window=window, **params)
+        want = loop_attention(q, k, v, variant, window=window, **params)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_at_least_T_is_no_window_and_w1_sees_only_itself(variant):
+    q, k, v = _qkv(B=2, T=8, H=2, D=4, seed=2)
+    full = attend(q, k, v, variant, backend="torch")
+    for window in (8, 9, 1000):
+        torch.testing.assert_close(attend(q, k, v, variant, backend="torch", window=window), full,
+                                   rtol=0, atol=0)
+    a = attention_weights(q, k, variant, window=1)
+    assert torch.equal(a != 0, torch.eye(8, dtype=torch.bool).expand_as(a) & (a != 0))   # only j = i
+    if variant not in UNNORMALISED:
+        torch.testing.assert_close(a, torch.eye(8, dtype=a.dtype).expand_as(a))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_window_keys_outside_change_nothing(variant):
+    q, k, v = _qkv(B=1, T=9, H=2, D=4, seed=4)
+    window, i = 3, 8                                 # 0-based row 8 sees keys 6, 7, 8
+    base = attend(q, k, v, variant, backend="torch", window=window)[:, i]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, : i - window + 1] = torch.randn_like(k2[:, : i - window + 1])
+    v2[:, : i - window + 1] = 5.0
+    torch.testing.assert_close(attend(q, k2, v2, variant, backend="torch", window=window)[:, i], base)
+
+
+def test_window_gradients_float64():
+    q, k, v = (t.requires_grad_() for t in _qkv(B=1, T=6, H=1, D=3, seed=9))
+    for variant in ("lssa", "lssar", "ssmax"):
+        params = {"sharpen_power": 3.0} if variant == "lssar" else {}
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, variant=variant, params=params: attend(q, k, v, variant, window=3, **params),
+            (q, k, v))
+
+
+def test_window_errors_name_the_problem():
+    q, k, v = _qkv(B=1, T=4, H=1, D=2)
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(ValueError, match="window must be a positive integer"):
+            attend(q, k, v, "softmax", window=bad)
+    with pytest.raises(ValueError, match="needs causal=True"):
+        attend(q, k, v, "softmax", causal=False, window=2)
+    torch.testing.assert_close(attend(q, k, v, "lssa", window=2.0), attend(q, k, v, "lssa", window=2))

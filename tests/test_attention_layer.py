@@ -128,9 +128,9 @@ def test_every_config_file_builds_its_variant():
     assert {f.stem for f in files} == set(VARIANTS)
     for f in files:
         node = OmegaConf.load(f)
-        assert set(node) == {"name", "params", "backend"} and node.name == f.stem
+        assert set(node) == {"name", "params", "backend", "window"} and node.name == f.stem
         layer = CausalSelfAttention.from_config(node, 32, 4)
-        assert layer.variant == f.stem and layer.backend == "auto"
+        assert layer.variant == f.stem and layer.backend == "auto" and layer.window is None
         assert layer(_x(T=5)).shape == (2, 5, 32)
     lssar = CausalSelfAttention.from_config(OmegaConf.load(CONF / "lssar.yaml"), 32, 4)
     assert lssar.params == {"sharpen_power": 15.0, "offset": 1.0, "offset_until": 3,
@@ -166,6 +166,42 @@ def test_from_config_accepts_dicts_and_names_and_rejects_mistakes():
         CausalSelfAttention.from_config(3, 16, 2)
 
 
+def test_window_from_config_and_its_errors():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("gravprobe.conf", version_base=None):
+        cfg = compose("config", overrides=["attention=softmax", "attention.window=2"])
+    layer = CausalSelfAttention.from_config(cfg.attention, 32, 4)
+    assert layer.window == 2 and "window=2" in repr(layer)
+    x = _x(T=9)
+    q, k, v = layer.qkv(x).view(2, 9, 3, 4, 8).unbind(dim=2)
+    q, k = layer.rotary(q, k)
+    want = layer.out(A.reference_attention(q, k, v, "softmax", window=2).reshape(2, 9, 32))
+    torch.testing.assert_close(layer(x), want)
+    assert CausalSelfAttention.from_config({"name": "lssa", "window": None}, 16, 2).window is None
+    for bad in (0, -1, 2.5, "two"):
+        with pytest.raises(ValueError, match=r"attention\.window must be a positive integer"):
+            CausalSelfAttention.from_config({"name": "lssa", "window": bad}, 16, 2)
+    with pytest.raises(ValueError, match=r"attention\.window"):
+        CausalSelfAttention(16, 2, "lssa", window=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_layer_attention_weights_reproduce_the_forward(variant, window):
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(32, 4, variant, window=window).double()
+    x = _x(T=10).double()
+    a = layer.attention_weights(x)
+    assert a.shape == (2, 4, 10, 10) and a.dtype == torch.float64
+    assert not a.triu(1).any()
+    if window is not None:
+        assert not a.tril(-window).any()
+    _, _, v = layer.qkv(x).view(2, 10, 3, 4, 8).unbind(dim=2)
+    pre = torch.einsum("bhij,bjhd->bihd", a, v).reshape(2, 10, 32)
+    torch.testing.assert_close(layer.out(pre), layer(x), rtol=1e-12, atol=1e-12)
+
+
 # --- dispatch (fallback behaviour; runs everywhere) ------------------------------------------------------
 
 @pytest.fixture
@@ -195,6 +231,23 @@ def no_kernels(monkeypatch):
 
 def _small():
     return torch.randn(3, 1, 6, 2, 8).unbind(0)
+
+
+def test_window_falls_back_to_torch_from_triton_and_logs_why(fake_kernels, caplog, monkeypatch):
+    q, k, v = _small()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with caplog.at_level(logging.INFO, logger="gravprobe.attention.dispatch"):
+        out = A.attend(q, k, v, "lssa", backend="triton", window=2)
+        A.attend(q, k, v, "lssa", backend="triton", window=2)
+        auto = A.attend(q, k, v, "lssa", window=2)
+    assert fake_kernels == [] and A.active_backend() == "torch"
+    torch.testing.assert_close(out, A.reference_attention(q, k, v, "lssa", window=2))
+    torch.testing.assert_close(auto, out)
+    forced = [r for r in caplog.records if "do not implement" in r.getMessage()]
+    assert len(forced) == 1 and "window=2" in forced[0].getMessage()
+    assert sum("because window=2" in r.getMessage() for r in caplog.records) == 1
+    A.attend(q, k, v, "lssa")                          # no window: the kernels run again
+    assert len(fake_kernels) == 1
 
 
 def test_forced_triton_without_kernels_raises_a_clear_error(no_kernels, monkeypatch):
