@@ -32,34 +32,38 @@ def _autocast(device: torch.device, bf16: bool):
         else contextlib.nullcontext()
 
 
-def n_targets(model: GPT, seq: np.ndarray, modality: str) -> int:
-    """Scored target positions of full sequences ``seq`` (``[b, L + 1, 2]`` orbits, ``[b, L + 1]`` text)."""
+def n_targets(model: GPT, seq: np.ndarray, modality: str, orbit_targets: str = "all") -> int:
+    """Scored target positions of full sequences ``seq`` (``[b, L + 1, 2]`` orbits, ``[b, L + 1]`` text);
+    ``orbit_targets="last"`` scores one target per orbit sequence (see ``GPT.orbit_targets``)."""
     if len(seq) == 0:
         return 0
     if modality == "text":
         return seq.shape[0] * (seq.shape[1] - 1)
     tgt = seq[:, 1:]
     if model.cfg.orbit_mode == "discrete":
-        return int((tgt[..., 0] != model.cfg.orbit_pad).sum())
-    return int(np.isfinite(tgt).all(-1).sum())
+        valid = tgt[..., 0] != model.cfg.orbit_pad
+    else:
+        valid = np.isfinite(tgt).all(-1)
+    return int(valid.any(1).sum()) if orbit_targets == "last" else int(valid.sum())
 
 
 @torch.no_grad()
 def mean_loss(model: GPT, batches: Sequence[np.ndarray], modality: str, device: torch.device,
-              bf16: bool = False) -> float:
+              bf16: bool = False, orbit_targets: str = "all") -> float:
     """Token-weighted mean loss of ``model`` over ``batches`` (each ``[b, L + 1, 2]`` orbits or ``[b, L + 1]``
-    text). Returns NaN when there is nothing to score."""
+    text). Returns NaN when there is nothing to score. ``orbit_targets``: see ``GPT.orbit_targets``."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for seq in batches:
-            n = n_targets(model, seq, modality)
+            n = n_targets(model, seq, modality, orbit_targets)
             if n == 0:
                 continue
             x = torch.from_numpy(np.ascontiguousarray(seq)).to(device)
             with _autocast(device, bf16):
-                loss = model(**{modality: x})[modality]
+                kw = {"orbit_targets": orbit_targets} if modality == "orbits" else {}
+                loss = model(**{modality: x}, **kw)[modality]
             total += float(loss) * n
             count += n
     finally:

@@ -27,6 +27,8 @@ from torch import nn
 
 POSITIONS = ("rope", "learned")
 ORBIT_MODES = ("discrete", "continuous")
+ACTIVATIONS = ("gelu", "silu")
+ORBIT_TARGETS = ("all", "last")
 
 
 class SequenceTooLongError(ValueError):
@@ -44,6 +46,7 @@ class GPTConfig:
     position: str = "rope"         # rope | learned
     rope_base: float = 10000.0
     mlp_ratio: int = 4
+    activation: str = "gelu"       # MLP non-linearity: gelu (GPT-2) | silu (Liu et al.'s small regression model)
     dropout: float = 0.0
     bias: bool = False
     orbit_vocab: int = 0           # V + 3 (bins + two dt markers + padding)
@@ -56,6 +59,8 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"unknown model.position={self.position!r}; choose one of {POSITIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown model.activation={self.activation!r}; choose one of {ACTIVATIONS}")
         if self.orbit_mode not in ORBIT_MODES:
             raise ValueError(f"unknown model.orbit_mode={self.orbit_mode!r}; choose one of {ORBIT_MODES}")
         if self.d_model % self.n_heads:
@@ -87,9 +92,10 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.d_hidden, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_hidden, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.act = F.silu if cfg.activation == "silu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(self.act(self.fc(x))))
 
 
 class Block(nn.Module):
@@ -262,12 +268,34 @@ class GPT(nn.Module):
             return logits, None
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
-    def forward(self, orbits: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, Any]:
+    def orbit_targets(self, orbits: torch.Tensor, which: str = "all") -> torch.Tensor:
+        """Next-step targets ``[B, T, 2]`` of full sequences ``orbits [B, T+1, 2]``. ``which="last"`` keeps only
+        each sequence's last scored target (the others become padding / NaN, i.e. unscored)."""
+        if which not in ORBIT_TARGETS:
+            raise ValueError(f"unknown orbit targets {which!r} (train.orbit_loss); choose one of {ORBIT_TARGETS}")
+        tgt = orbits[:, 1:]
+        if which == "all":
+            return tgt
+        if self.cfg.orbit_mode == "discrete":
+            valid = tgt[..., 0] != self.cfg.orbit_pad
+            blank = torch.full_like(tgt, self.cfg.orbit_pad)
+        else:
+            valid = torch.isfinite(tgt).all(-1)
+            blank = torch.full_like(tgt, float("nan"))
+        T = tgt.shape[1]
+        idx = torch.arange(T, device=tgt.device).expand_as(valid)
+        last = torch.where(valid, idx, -1).amax(1, keepdim=True)                 # [B, 1]
+        keep = (idx == last) & valid
+        return torch.where(keep[..., None], tgt, blank)
+
+    def forward(self, orbits: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                orbit_targets: str = "all") -> dict[str, Any]:
         """Training convenience: full sequences ``orbits [B, T+1, 2]`` / ``text [B, T+1]``; each is split into
-        input ``[:, :-1]`` and target ``[:, 1:]``. Returns ``{modality: loss}`` for the modalities given."""
+        input ``[:, :-1]`` and target ``[:, 1:]`` (``orbit_targets="last"``: only the last orbit target is
+        scored, Liu et al.'s option). Returns ``{modality: loss}`` for the modalities given."""
         losses: dict[str, Any] = {}
         if orbits is not None and orbits.shape[0]:
-            losses["orbits"] = self.forward_orbits(orbits[:, :-1], orbits[:, 1:])[1]
+            losses["orbits"] = self.forward_orbits(orbits[:, :-1], self.orbit_targets(orbits, orbit_targets))[1]
         if text is not None and text.shape[0]:
             losses["text"] = self.forward_text(text[:, :-1], text[:, 1:])[1]
         return losses

@@ -109,10 +109,25 @@ class _Dist:
             torch.distributed.destroy_process_group()
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Learning-rate multiplier at optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_ratio``."""
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+              drop_at: float = 0.5) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based): linear warm-up, then
+
+    - ``cosine``: cosine decay to ``min_ratio`` at the last step (nanoGPT);
+    - ``step``: constant, multiplied by ``min_ratio`` from step ``drop_at * total`` on (Liu et al.: x0.1 at half);
+    - ``constant``: constant.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={schedule!r}; choose one of {SCHEDULES}")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
+    if schedule == "step":
+        return min_ratio if step >= int(drop_at * total) else 1.0
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -287,6 +302,10 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision={precision!r}; choose auto, bf16 or fp32")
     bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    from .model import ORBIT_TARGETS
+
+    if str(_get(tc, "orbit_loss", "all")) not in ORBIT_TARGETS:
+        raise ValueError(f"train.orbit_loss={_get(tc, 'orbit_loss')!r}; choose one of {ORBIT_TARGETS}")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -336,7 +355,10 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     steps = int(tc.steps)
     optimizer = make_optimizer(model, tc)
     warmup, min_ratio = int(_get(tc, "warmup_steps", 0)), float(_get(tc, "min_lr_ratio", 0.1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio))
+    schedule, drop_at = str(_get(tc, "schedule", "cosine")), float(_get(tc, "lr_drop_at", 0.5))
+    lr_factor(0, warmup, steps, min_ratio, schedule, drop_at)  # validates the schedule name before any work
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio, schedule, drop_at))
 
     # ---- resume
     ckpt_path = run_dir / "checkpoints" / "last.pt"
@@ -392,11 +414,12 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
 
     metrics = _Metrics(run_dir, is_main, step if resume_from is not None else None)
     eval_batches = int(_get(tc, "eval_batches", 4))
+    orbit_loss = str(_get(tc, "orbit_loss", "all"))
     val_orbits = batches.val_orbit_batches(eval_batches, max(1, int(tc.batch_size) - batches.n_text))
     val_text = batches.val_text_batches(eval_batches, max(1, batches.n_text))
 
     def evaluate() -> dict[str, float]:
-        res = {"orbits": mean_loss(raw_model, val_orbits, "orbits", device, bf16)}
+        res = {"orbits": mean_loss(raw_model, val_orbits, "orbits", device, bf16, orbit_loss)}
         if val_text:
             res["text"] = mean_loss(raw_model, val_text, "text", device, bf16)
         return res
@@ -447,7 +470,8 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
         lr = scheduler.get_last_lr()[0]
         micro = batches.micro_batches(step, dist.rank, dist.world, accum)
         optimizer.zero_grad(set_to_none=True)
-        n_tok = [(n_targets(raw_model, mb.orbits, "orbits"), n_targets(raw_model, mb.text, "text")) for mb in micro]
+        n_tok = [(n_targets(raw_model, mb.orbits, "orbits", orbit_loss), n_targets(raw_model, mb.text, "text"))
+                 for mb in micro]
         counts = torch.tensor([sum(c[0] for c in n_tok), sum(c[1] for c in n_tok)], dtype=torch.float64)
         if dist.ddp:
             torch.distributed.all_reduce(counts)
@@ -460,7 +484,7 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
             sync = contextlib.nullcontext() if (not dist.ddp or i == len(micro) - 1) else model.no_sync()
             with sync:
                 with _autocast(device, bf16):
-                    losses = model(orbits=o if no else o[:0], text=t if nt else t[:0])
+                    losses = model(orbits=o if no else o[:0], text=t if nt else t[:0], orbit_targets=orbit_loss)
                 n = {"orbits": no, "text": nt}
                 loss = sum(losses[k] * (n[k] * weight[k] * dist.world) for k in losses)
                 loss.backward()

@@ -135,3 +135,45 @@ def test_preset_trunk_sizes(preset, lo, hi):
     assert lo < m.num_params(non_embedding=True) < hi
     if preset == "vafa109m":
         assert 1.0e8 < m.num_params() < 1.15e8      # ~107M with V = 7000 (METHOD §3: ~109M)
+
+
+def test_silu_activation_and_last_position_targets():
+    import pytest
+    import torch
+    from gravprobe.pretrain.model import GPT, GPTConfig
+
+    with pytest.raises(ValueError, match="model.activation"):
+        GPTConfig(orbit_vocab=10, activation="tanh")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layers=1, n_heads=1, d_model=8, orbit_vocab=4, orbit_mode="continuous", activation="silu"))
+    x = torch.randn(3, 4, 8)
+    assert torch.allclose(m.blocks[0].mlp(x), m.blocks[0].mlp.proj(torch.nn.functional.silu(m.blocks[0].mlp.fc(x))))
+    # continuous: NaN marks unscored targets; "last" keeps only each sequence's last finite target
+    orb = torch.randn(2, 6, 2)
+    orb[0, 0] = float("nan")        # a dt marker
+    orb[1, 4:] = float("nan")       # padding after step 3
+    tgt = m.orbit_targets(orb, "last")
+    finite = torch.isfinite(tgt).all(-1)
+    assert finite.sum(1).tolist() == [1, 1]
+    assert finite[0, 4] and finite[1, 2]
+    assert torch.equal(tgt[0, 4], orb[0, 5]) and torch.equal(tgt[1, 2], orb[1, 3])
+    with pytest.raises(ValueError, match="train.orbit_loss"):
+        m.orbit_targets(orb, "first")
+    # discrete: padding id marks unscored targets
+    d = GPT(GPTConfig(n_layers=1, n_heads=1, d_model=8, orbit_vocab=13))
+    tok = torch.randint(0, 10, (2, 5, 2))
+    tok[1, 3:] = d.cfg.orbit_pad
+    t = d.orbit_targets(tok, "last")
+    keep = t[..., 0] != d.cfg.orbit_pad
+    assert keep.nonzero().tolist() == [[0, 3], [1, 1]]
+
+
+def test_step_schedule_drops_at_half():
+    from gravprobe.pretrain.train import lr_factor
+
+    assert [lr_factor(s, 0, 10, 0.1, "step") for s in (0, 4, 5, 9)] == [1.0, 1.0, 0.1, 0.1]
+    assert lr_factor(0, 2, 10, 0.1, "step") == 0.5
+    import pytest
+
+    with pytest.raises(ValueError, match="train.schedule"):
+        lr_factor(0, 0, 10, 0.1, "linear")

@@ -95,8 +95,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(home, tmp_path, monkeypat
     real = GPT.forward
     calls = {"n": 0}
 
-    def poisoned(self, orbits=None, text=None):
-        out = real(self, orbits, text)
+    def poisoned(self, orbits=None, text=None, **kw):
+        out = real(self, orbits, text, **kw)
         if self.training:
             calls["n"] += 1
             if calls["n"] >= 5:
