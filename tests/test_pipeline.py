@@ -111,6 +111,9 @@ def test_variant_config_uses_packaged_node_and_keeps_overrides():
     (["force_data.arrays=[tokens,bodies]"], "leaves out ['states', 'forces', 'labelled'], which the probes read"),
     (["model.orbit_mode=continuous", "data.arrays=[tokens]"], "leaves out ['positions'], which model.orbit_mode"),
     (["data.arrays=[tokens,velocities]"], "data: data.arrays names unknown arrays ['velocities']"),
+    # the issue's crash after 36 minutes of training: force data longer than a learned-position context
+    (["model.position=learned", "model.block_size=200", "data.seq_len=201", "force_data.seq_len=1000"],
+     "force_data.seq_len=1000 tokens exceeds model.block_size=200 of a learned-position model"),
 ])
 def test_bad_overrides_fail_before_any_work(monkeypatch, tmp_path, overrides, message):
     fake = FakeStages(monkeypatch)
@@ -234,3 +237,36 @@ def test_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
     with pytest.raises(pipeline.PipelineConfigError, match="torchrun --nproc_per_node=N -m gravprobe.cli pretrain"):
         pipeline.main(make_cfg(), tmp_path / "run")
     assert fake.calls == []
+
+
+def test_a_subset_of_probes_is_complete(monkeypatch, tmp_path):
+    """Only linear probes asked for: the probe stage is complete once they are written (no SR results)."""
+    fake = FakeStages(monkeypatch)
+
+    def linear_only(cfg, run_dir):
+        fake.calls.append(f"{cfg.attention.name}/probe")
+        update_results(run_dir, "probes", {"linear": {"F_mag": {"0": 0.1}}, "galaxies": []})
+        return {}
+
+    monkeypatch.setattr(fake, "probe", linear_only)
+    cfg = make_cfg("experiment=smoke", "pipeline.report=false", "probe.head.enabled=false",
+                   "probe.oracle.enabled=false")
+    assert pipeline.main(cfg, tmp_path / "run")["complete"]
+    fake.calls.clear()
+    pipeline.main(cfg, tmp_path / "run")
+    assert fake.calls == ["generate"]  # reused
+
+
+def test_pretrained_run_can_be_probed_with_other_probe_settings(monkeypatch, tmp_path):
+    """stop_after=pretrain, then probe with changed probe/sr keys: allowed until a variant has been probed."""
+    fake = FakeStages(monkeypatch)
+    run_dir = tmp_path / "run"
+    pipeline.main(make_cfg("experiment=smoke", "pipeline.stop_after=pretrain", "pipeline.report=false"), run_dir)
+    fake.calls.clear()
+    pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false", "probe.head.steps=7"), run_dir)
+    assert fake.calls == ["generate", "softmax/probe", "lssa/probe", "lssar/probe"]
+    with pytest.raises(pipeline.PipelineConfigError, match="probe.head.steps: 7 -> 8"):
+        pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false", "probe.head.steps=8"), run_dir)
+    with pytest.raises(pipeline.PipelineConfigError, match="train.steps"):
+        pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false", "probe.head.steps=7",
+                               "train.steps=31"), run_dir)

@@ -221,9 +221,37 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
                 problems.append(f"model ({v}): {e}")
                 break
     problems += _probe_size_problems(cfg)
+    problems += sequence_length_problems(cfg)
     if problems:
         raise PipelineConfigError("the config cannot run:\n  - " + "\n  - ".join(problems))
     return variants
+
+
+def sequence_length_problems(cfg: DictConfig) -> list[str]:
+    """Every stage's sequence lengths against the model, before any work: a learned-position model
+    (``model.position=learned``) cannot run beyond ``model.block_size`` tokens, and the probes feed whole
+    ``force_data`` sequences (all ``seq_len`` tokens) through it. RoPE models run at any length."""
+    out: list[str] = []
+    if _get(cfg, "model.position") != "learned":
+        return out
+    block = _get(cfg, "model.block_size")
+    if not isinstance(block, int):
+        return out
+    train_len = _get(cfg, "train.seq_len")
+    data_len = _get(cfg, "data.seq_len")
+    if isinstance(train_len, int) and train_len > block:
+        out.append(f"train.seq_len={train_len} exceeds model.block_size={block} of a learned-position model; "
+                   "lower train.seq_len or raise model.block_size")
+    probing = _get(cfg, "stage") in ("run", "probe", None)
+    fd_len = _get(cfg, "force_data.seq_len")
+    if probing and isinstance(fd_len, int) and fd_len > block:
+        out.append(f"force_data.seq_len={fd_len} tokens exceeds model.block_size={block} of a learned-position "
+                   f"model (the probes run whole force sequences through it); set force_data.seq_len<={block} or "
+                   f"raise model.block_size (a learned-position model cannot run longer sequences)")
+    if isinstance(data_len, int) and train_len is None and data_len - 1 > block:
+        log.info("data.seq_len=%d: training uses the first model.block_size=%d tokens of each sequence",
+                 data_len, block)
+    return out
 
 
 def _probe_size_problems(cfg: DictConfig) -> list[str]:
@@ -278,8 +306,17 @@ def _comparable(config: dict) -> dict[str, Any]:
             if not any(k == i or k.startswith(i + ".") for i in RESUME_IGNORED_KEYS)}
 
 
+#: config sections that only the probe stage reads: a run may be (re-)probed with other settings as long
+#: as none of its variants has finished probing (e.g. pretrain with pipeline.stop_after=pretrain, probe later)
+PROBE_ONLY_KEYS = ("probe", "sr", "force_data")
+
+
 def _check_same_run(resolved: dict, run_dir: Path) -> bool:
-    """True when ``run_dir`` already holds this run (resume); raise if it holds a different one."""
+    """True when ``run_dir`` already holds this run (resume); raise if it holds a different one.
+
+    Keys that the old config does not have at all were added by a newer gravprobe since the run started and
+    are not a difference. The probe stage's own keys (``PROBE_ONLY_KEYS``) may differ while no variant of the
+    run has finished probing."""
     path = run_dir / "results.json"
     if not path.exists():
         return False
@@ -290,7 +327,12 @@ def _check_same_run(resolved: dict, run_dir: Path) -> bool:
     if not old:
         return False
     a, b = _comparable(old), _comparable(resolved)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    new_keys = sorted(set(b) - set(a))
+    if new_keys:
+        log.info("config keys added since this run started (not compared): %s", ", ".join(new_keys[:12]))
+    probed = any(_complete(d, "probes") for d in run_dir.iterdir() if d.is_dir())
+    diff = sorted(k for k in set(a) | set(b) if k in a and a.get(k) != b.get(k)
+                  and (probed or not k.startswith(tuple(p + "." for p in PROBE_ONLY_KEYS))))
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:8])
         raise PipelineConfigError(
@@ -326,7 +368,10 @@ def _complete(vdir: Path, section: str, vcfg: DictConfig | None = None) -> bool:
         if (sel("probe.oracle.enabled", False) and sel("probe.oracle.truth_control", False)
                 and not (pr.get("truth") or {}).get("galaxies")):
             return False
-        return bool(pr.get("galaxies") or (pr.get("oracle") or {}).get("galaxies"))
+        if sel("probe.linear.enabled", True) and "linear" not in pr:
+            return False
+        # a run that asks for a subset of the probes (e.g. linear probes only) is complete when that subset is
+        return True
     return True
 
 
