@@ -23,6 +23,7 @@ from gravprobe.orbits.dataset import (
     generate_arrays,
     load_dataset,
     repair_dataset,
+    star_wobble_bins,
 )
 from gravprobe.orbits.physics import (
     G,
@@ -49,7 +50,7 @@ from gravprobe.orbits.tokens import OrbitTokenizer
 
 __all__ = [
     "ARRAYS", "ConcatArray", "DatasetError", "DatasetSpec", "OrbitDataset", "build_sequences", "dataset_dir",
-    "ensure_dataset", "generate_arrays", "load_dataset", "repair_dataset", "G", "EccentricityError",
+    "ensure_dataset", "generate_arrays", "load_dataset", "repair_dataset", "star_wobble_bins", "G", "EccentricityError",
     "Elements", "IntegrationError", "MassError", "MassRatioError", "PhysicsError", "PlanetarySystem",
     "SemiMajorAxisError", "TimeStepError", "Trajectory", "elements_from_state", "gravity_force",
     "integrate_nbody", "kepler_drift", "kepler_state", "orbital_period", "solve_kepler", "DEFAULT_PRIORS",

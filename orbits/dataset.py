@@ -46,7 +46,8 @@ import numpy as np
 
 from gravprobe.orbits import fused, physics
 from gravprobe.orbits.physics import G
-from gravprobe.orbits.priors import DEFAULT_PRIORS, SystemParams, sample_systems
+from gravprobe.orbits.priors import (DEFAULT_PRIORS, SystemParams, check_priors, mass_bounds, merge_priors,
+                                     prior_dist, sample_systems)
 from gravprobe.orbits.tokens import OrbitTokenizer
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,14 @@ ARRAYS = ("tokens", "positions", "states", "forces", "labelled", "bodies", "dt",
 PER_SYSTEM = ("dt", "n_bodies", "energy_error")  # always stored (``DatasetSpec.arrays`` selects the rest)
 # nbody keys added later, with the defaults that keep earlier behaviour (and spec hashes)
 _NBODY_ADDED = {"above_tolerance": "keep", "max_redraws": 8}
+# top-level keys added later, with the defaults that keep earlier behaviour (left out of the spec dict there)
+_SPEC_ADDED = {"star": "auto", "star_token": True}
+STARS = ("auto", "fixed")
 _STREAM_PARAMS, _STREAM_LABELS, _STREAM_REDRAW = 0, 1, 2  # default_rng([seed, k, stream, ...])
 
 
 class DatasetError(RuntimeError):
     """A dataset on disk is missing, incomplete, corrupted, or was made from a different spec."""
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
 
 
 def _floats(d):
@@ -102,6 +99,17 @@ class DatasetSpec:
     ~46 KB); ``dt``, ``n_bodies`` and ``energy_error`` are always written, ``tokens`` is required.
     In-memory arrays (:func:`generate_arrays`) are always complete, and the choice does not change any
     array's bytes.
+
+    ``star``: ``auto`` (default; METHOD.md §1.1: kepler mode K = 1 moves the star about the centre of mass,
+    K > 1 pins it at a random point of its orbit with one planet; nbody mode moves it under every force) or
+    ``fixed`` (kepler mode only: the star sits at the drawn centre point ``com`` for all time and the planets
+    are test particles of the fixed star, ``mu = G m_s``, which is the exact motion under a star held in
+    place; force labels stay ``G m_p m_s / r^2``). ``star_token``: ``true`` (default) puts a star token after
+    each time step's planets; ``false`` leaves it out (planet-only sequences: ``n = (T - 1) // K`` steps), allowed
+    only with ``star: fixed`` and ``priors.com_sigma: 0`` (the star at the origin, so leaving it out loses
+    nothing). ``labelling.partial_steps: 0`` leaves the systems from ``full_systems`` on without any label
+    (the unlabelled held-out protocol). Priors may choose other distributions with ``dist`` (see
+    :func:`gravprobe.orbits.priors.sample_systems`).
     """
 
     name: str = "pretrain"
@@ -120,11 +128,16 @@ class DatasetSpec:
     nbody: dict = field(default_factory=lambda: {"steps_per_orbit": 20.0, "max_substeps": 256,
                                                  "energy_tolerance": 1e-5})
     arrays: tuple | None = None
+    star: str = "auto"
+    star_token: bool = True
 
     def __post_init__(self) -> None:
         self.dt_choices = tuple(float(x) for x in self.dt_choices)
         self.planets = tuple(int(x) for x in self.planets)
-        self.priors = _floats(_deep_merge(json.loads(json.dumps(DEFAULT_PRIORS)), dict(self.priors or {})))
+        self.priors = _floats(merge_priors(self.priors))
+        if not isinstance(self.star_token, (bool, np.bool_)):
+            raise TypeError(f"data.star_token must be true or false, got {self.star_token!r}")
+        self.star_token = bool(self.star_token)
         lab = {"full_systems": None, "partial_steps": 2, **dict(self.labelling or {})}
         full = lab.pop("full_systems")
         self.labelling = {"full_systems": None if full is None else int(full), **lab}
@@ -186,6 +199,9 @@ class DatasetSpec:
         for k, v in _NBODY_ADDED.items():
             if d["nbody"][k] == v:
                 del d["nbody"][k]
+        for k, v in _SPEC_ADDED.items():
+            if d[k] == v:
+                del d[k]
         return d
 
     def spec_hash(self) -> str:
@@ -198,6 +214,16 @@ class DatasetSpec:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown data.mode {self.mode!r}; choose one of {list(MODES)}")
+        if self.star not in STARS:
+            raise ValueError(f"unknown data.star {self.star!r}; choose auto (METHOD §1.1: K = 1 moves about the "
+                             "centre of mass, K > 1 pinned) or fixed (the star never moves)")
+        if self.star == "fixed" and self.mode != "kepler":
+            raise ValueError("data.star=fixed needs data.mode=kepler (the N-body integrator moves the star)")
+        if not self.star_token and (self.star != "fixed" or float(self.priors["com_sigma"]) != 0.0):
+            raise ValueError(f"data.star_token=false is allowed only with a fixed star at the origin "
+                             f"(data.star=fixed and data.priors.com_sigma=0), got data.star={self.star!r} and "
+                             f"data.priors.com_sigma={self.priors['com_sigma']}: a moving or displaced star "
+                             "left out of the sequence would make its position unobservable")
         if self.system not in SYSTEMS:
             raise ValueError(f"unknown data.system {self.system!r}; choose one of {list(SYSTEMS)}")
         if self.n_systems < 1:
@@ -217,21 +243,26 @@ class DatasetSpec:
             raise ValueError(f"data.dt={self.dt} must be null or one of data.dt_choices "
                              f"{list(self.dt_choices)}")
         kmax = self.max_planets
-        if self.seq_len < kmax + 2:
+        need = kmax + 1 + int(self.star_token)
+        if self.seq_len < need:
             raise ValueError(f"data.seq_len={self.seq_len} is too short: a system with {kmax} planets needs "
-                             f"at least {kmax + 2} tokens (marker + one time step)")
+                             f"at least {need} tokens (marker + one time step)")
         OrbitTokenizer(self.n_bins, self.coord_range)
         ps = self.labelling.get("partial_steps")
-        if not isinstance(ps, int) or ps < 1:
-            raise ValueError(f"data.labelling.partial_steps must be a positive int, got {ps!r}")
+        if not isinstance(ps, (int, np.integer)) or isinstance(ps, bool) or ps < 0:
+            raise ValueError(f"data.labelling.partial_steps must be an int >= 0 (0: the systems from "
+                             f"full_systems on carry no label at all), got {ps!r}")
         pr = self.priors
-        physics.check_semi_major_axis([pr["semi_major_axis"]["low"], pr["semi_major_axis"]["high"]])
-        physics.check_masses(pr["planet_mass"]["clip"], "planet mass clip")
-        physics.check_masses(pr["star_mass"]["clip"], "star mass clip")
-        if self.mode == "nbody" and pr["planet_mass"]["clip"][1] >= pr["star_mass"]["clip"][0]:
-            raise physics.MassRatioError("nbody mode needs planet masses below star masses: "
-                                         f"planet clip {pr['planet_mass']['clip']}, star clip "
-                                         f"{pr['star_mass']['clip']}")
+        check_priors(pr)
+        pm_hi = mass_bounds(pr, "planet_mass")[1]
+        ps_lo = mass_bounds(pr, "star_mass")[0]
+        ratio = prior_dist(pr, "planet_mass") == "ratio_loguniform"
+        dominant = pm_hi < 1.0 if ratio else pm_hi < ps_lo
+        if (self.mode == "nbody" or self.star == "fixed") and not dominant:
+            raise physics.MassRatioError(f"{'nbody mode' if self.mode == 'nbody' else 'data.star=fixed'} needs "
+                                         "planet masses below star masses: data.priors.planet_mass reaches "
+                                         f"{pm_hi}{' m_s' if ratio else ' Msun'}, data.priors.star_mass starts at "
+                                         f"{ps_lo} Msun")
 
     # ------------------------------------------------------------------------------------------ derived
     @property
@@ -265,24 +296,26 @@ def _block_params(spec: DatasetSpec, seed: int, k: int, redraw: int | None = Non
     rng = np.random.default_rng([int(seed), int(k), *stream])
     dt_index = None if spec.dt is None else spec.dt_choices.index(float(spec.dt))
     return sample_systems(rng, spec.shard_size, system=spec.system, planets=spec.planets,
-                          priors=spec.priors, n_dt=len(spec.dt_choices), dt_index=dt_index)
+                          priors=spec.priors, n_dt=len(spec.dt_choices), dt_index=dt_index,
+                          fixed_star=spec.star == "fixed")
 
 
 _LAYOUTS: dict = {}
 
 
-def _layout(n_planets: np.ndarray, T: int):
+def _layout(n_planets: np.ndarray, T: int, star_token: bool = True):
     """Token grid [S, T]: time step ``s``, slot ``j`` (j == K is the star), the planet and star masks and
     ``bodies`` (-1 marker/padding, 0 star, j >= 1 planet j). One row pattern per planet count (cached),
-    gathered per system."""
+    gathered per system. ``star_token=False``: K slots per step, no star."""
     kmax = int(n_planets.max()) if len(n_planets) else 1
-    key = (T, kmax)
+    key = (T, kmax, bool(star_token))
     if key not in _LAYOUTS:
         K = np.arange(1, kmax + 1)[:, None]
         t = np.arange(T)[None, :]
-        s = (t - 1) // (K + 1)
-        j = (t - 1) % (K + 1)
-        valid = (t >= 1) & (s < (T - 1) // (K + 1))
+        per = K + int(star_token)
+        s = (t - 1) // per
+        j = (t - 1) % per
+        valid = (t >= 1) & (s < (T - 1) // per)
         bodies = np.where(valid & (j < K), j + 1, np.where(valid & (j == K), 0, -1)).astype(np.int8)
         _LAYOUTS[key] = (s.astype(np.int32), j.astype(np.int32), valid & (j < K), valid & (j == K), bodies)
     return tuple(x[n_planets - 1] for x in _LAYOUTS[key])
@@ -324,24 +357,31 @@ def _labels(spec: DatasetSpec, seed: int, k: int, rows: np.ndarray, index: np.nd
     return labelled
 
 
-def _kepler_setup(p: SystemParams):
+def _kepler_setup(p: SystemParams, fixed_star: bool = False):
     """Per-planet constants ``[S, K]`` of Kepler mode (``a, e, q = sqrt(1-e^2), cw, sw = cos/sin omega,
     n = mean motion, M0, mp`` and ``ms`` [S]) and where bodies are drawn: ``origin`` [S, 2] and the
     planet/star coefficients ``cp``, ``cs`` [S] (K = 1: planet = com + m_s/M rel, star = com - m_p/M rel;
-    K > 1: planet = pin + rel, star = pin). Shared by the numpy path and :mod:`gravprobe.orbits.fused`."""
+    K > 1: planet = pin + rel, star = pin). ``fixed_star``: the star stays at ``com`` (origin = com, cp = 1,
+    cs = 0) and ``mu = G m_s`` (test particles of a star held in place). Shared by the numpy path and
+    :mod:`gravprobe.orbits.fused`."""
     ms = p.m_star
-    mu = G * (p.m_planet + ms[:, None])
-    single = p.n_planets == 1
-    origin = np.where(single[:, None], p.com, _pin_star(p))
-    m1 = p.m_planet[:, 0]
-    cp = np.where(single, ms / (m1 + ms), 1.0)
-    cs = np.where(single, m1 / (m1 + ms), 0.0)
+    if fixed_star:
+        S = len(ms)
+        mu = G * np.broadcast_to(ms[:, None], p.m_planet.shape)
+        origin, cp, cs = p.com, np.ones(S), np.zeros(S)
+    else:
+        mu = G * (p.m_planet + ms[:, None])
+        single = p.n_planets == 1
+        origin = np.where(single[:, None], p.com, _pin_star(p))
+        m1 = p.m_planet[:, 0]
+        cp = np.where(single, ms / (m1 + ms), 1.0)
+        cs = np.where(single, m1 / (m1 + ms), 0.0)
     consts = {"a": p.a, "e": p.e, "q": np.sqrt(1.0 - p.e * p.e), "cw": np.cos(p.omega), "sw": np.sin(p.omega),
               "n": np.sqrt(mu / p.a**3), "M0": p.mean_anomaly, "mp": p.m_planet, "ms": ms}
     return consts, origin, cp, cs
 
 
-def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, is_star):
+def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, is_star, fixed_star=False):
     """Kepler mode on the token grid [S, T] with whole-grid numpy arrays (the reference for
     :mod:`gravprobe.orbits.fused`, which gives the same bytes ~4x faster): positions [S, T, 2] and, per
     planet step, the relative position and velocity, planet and star masses and the star's force on the
@@ -351,7 +391,7 @@ def _simulate_kepler(p: SystemParams, dts: np.ndarray, T: int, s, j, is_planet, 
     masses, so their outputs are zeros without masking): ~20% extra Kepler solves, but no scatter into the
     grid, which is slower in numpy."""
     S, K = p.e.shape
-    c, origin, cp, cs = _kepler_setup(p)
+    c, origin, cp, cs = _kepler_setup(p, fixed_star)
     consts = ((c["a"], 0.0), (c["e"], 0.0), (c["q"], 1.0), (c["cw"], 1.0), (c["sw"], 0.0), (c["n"], 0.0),
               (c["M0"], 0.0), (c["mp"], 0.0), (np.broadcast_to(c["ms"][:, None], (S, K)), 0.0))
     fi = np.where(is_planet, np.arange(S, dtype=np.int32)[:, None] * K + j, S * K)  # S*K: the sentinel
@@ -550,8 +590,9 @@ def _check_params(spec: DatasetSpec, params: SystemParams) -> None:
     physics.check_semi_major_axis(params.a[params.planet_mask])
     physics.check_masses(params.m_planet[params.planet_mask], "planet mass")
     physics.check_masses(params.m_star, "star mass")
-    if spec.mode == "nbody" or np.any(params.n_planets > 1):
-        multi = params.n_planets > 1 if spec.mode == "kepler" else np.ones(len(params.m_star), bool)
+    if spec.mode == "nbody" or spec.star == "fixed" or np.any(params.n_planets > 1):
+        multi = params.n_planets > 1 if spec.mode == "kepler" and spec.star == "auto" else \
+            np.ones(len(params.m_star), bool)
         physics.check_star_dominates(np.where(params.planet_mask, params.m_planet, 0.0)[multi],
                                      params.m_star[multi, None])
 
@@ -566,8 +607,9 @@ def _build_fused(spec: DatasetSpec, params: SystemParams, index, seed, block, ro
     dts = np.asarray(spec.dt_choices)[params.dt_index]
     tok = spec.tokenizer
     if S:
-        consts, origin, cp, cs = _kepler_setup(params)
-        fused.fill_kepler(consts, params.n_planets, dts, origin, cp, cs, tok, tok.dt_id(params.dt_index), out)
+        consts, origin, cp, cs = _kepler_setup(params, spec.star == "fixed")
+        fused.fill_kepler(consts, params.n_planets, dts, origin, cp, cs, tok, tok.dt_id(params.dt_index), out,
+                          star_token=spec.star_token)
     full = spec.labelling.get("full_systems")
     if full is not None and np.any(index >= int(full)):
         out["labelled"][...] = _labels(spec, seed, block, rows, index, out["labelled"].copy())
@@ -582,10 +624,12 @@ def _build_chunk(spec: DatasetSpec, params: SystemParams, index, seed, block, ro
     S = len(params.m_star)
     _check_params(spec, params)
     dts = np.asarray(spec.dt_choices)[params.dt_index]
-    s, j, is_planet, is_star, bodies = _layout(params.n_planets, T)
-    sim = _simulate_nbody if spec.mode == "nbody" else _simulate_kepler
-    args = (spec,) if spec.mode == "nbody" else ()
-    positions, rel, vel, mp, ms, forces, err = sim(*args, params, dts, T, s, j, is_planet, is_star)
+    s, j, is_planet, is_star, bodies = _layout(params.n_planets, T, spec.star_token)
+    if spec.mode == "nbody":
+        sim = _simulate_nbody(spec, params, dts, T, s, j, is_planet, is_star)
+    else:
+        sim = _simulate_kepler(params, dts, T, s, j, is_planet, is_star, spec.star == "fixed")
+    positions, rel, vel, mp, ms, forces, err = sim
 
     tok = spec.tokenizer
     valid = is_planet | is_star
@@ -643,6 +687,25 @@ def generate_arrays(spec: DatasetSpec, seed: int, start: int = 0,
             out = {name: np.empty((count,) + a.shape[1:], a.dtype) for name, a in part.items()}
             for name, a in part.items():
                 out[name][: hi - start] = a
+    return out
+
+
+def star_wobble_bins(spec: DatasetSpec, seed: int = 0, start: int = 0, count: int | None = None) -> np.ndarray:
+    """The star's wobble ``a m_1 / (m_1 + m_s)`` (the semi-major axis of its orbit about the centre of mass)
+    in bins of the spec's tokenizer, per system ``[count]`` (systems ``[start, start + count)``, default all
+    of ``n_systems``), from the same parameters as the dataset. 0 where the star does not move with planet 1
+    (``star: fixed``, or K > 1 in kepler mode, where it is pinned). A planet's mass can only leave a trace in
+    the tokens where this is well above 1 (e.g. >= 2 bins)."""
+    count = spec.n_systems - start if count is None else int(count)
+    ss = spec.shard_size
+    out = np.zeros(count)
+    for k in range(start // ss, -(-(start + count) // ss)):
+        lo, hi = max(start, k * ss), min(start + count, (k + 1) * ss)
+        p = _block_params(spec, seed, k).take(np.arange(lo - k * ss, hi - k * ss))
+        m1 = p.m_planet[:, 0]
+        w = p.a[:, 0] * m1 / (m1 + p.m_star)
+        moves = (p.n_planets == 1) | (spec.mode == "nbody")
+        out[lo - start:hi - start] = np.where(moves & (spec.star == "auto"), w, 0.0) / spec.tokenizer.bin_width
     return out
 
 

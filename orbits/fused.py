@@ -97,15 +97,16 @@ def _build_kernels(cache: bool = True):
     INV_TWO_PI = 0.5 / math.pi
 
     @jit
-    def _pass_starter(n_planets, dts, a, e, q, cw, sw, n, M0, mp, ms, T, buf):
+    def _pass_starter(n_planets, dts, a, e, q, cw, sw, n, M0, mp, ms, T, ns, buf):
         """Per planet token (systems, steps, planets in sequence order): M reduced to [0, pi] and its sign,
-        the planet's constants, Mikkola's alpha and the argument of his cube root. Returns the count."""
+        the planet's constants, Mikkola's alpha and the argument of his cube root. ``ns``: star tokens per
+        step (1, or 0 for planet-only sequences). Returns the count."""
         Ma, sg, ee, al, zz = buf[0], buf[1], buf[2], buf[3], buf[4]
         k = 0
         for i in range(n_planets.shape[0]):
             K = n_planets[i]
             dt = dts[i]
-            for s in range((T - 1) // (K + 1)):
+            for s in range((T - 1) // (K + ns)):
                 t = s * dt
                 for j in range(K):
                     ej = e[i, j]
@@ -215,7 +216,7 @@ def _build_kernels(cache: bool = True):
         return False
 
     @jit
-    def _pass_write(n_planets, origin, cp, cs, mp, ms, buf, L, w, top, pad, dt_id,
+    def _pass_write(n_planets, origin, cp, cs, mp, ms, buf, L, w, top, pad, dt_id, ns,
                     tokens, positions, states, forces, bodies, labelled):
         """Scatter the flat results into the sequence layout: observed positions and their tokens, states,
         forces, the star rows, the dt marker and the padding, every cell written. Returns -1 - i if the
@@ -240,7 +241,7 @@ def _build_kernels(cache: bool = True):
             p = 1
             x = 0.0
             y = 0.0
-            for s in range((T - 1) // (K + 1)):
+            for s in range((T - 1) // (K + ns)):
                 for j in range(K):
                     if buf[2, k] > 0.99999 and not _polish(buf, k):
                         return -1 - i
@@ -264,6 +265,8 @@ def _build_kernels(cache: bool = True):
                     labelled[i, p] = True
                     p += 1
                     k += 1
+                if ns == 0:
+                    continue
                 # the star: for K = 1 opposite the planet about the centre of mass, for K > 1 pinned (cs = 0)
                 X = ox - csi * x
                 Y = oy - csi * y
@@ -295,19 +298,21 @@ def _build_kernels(cache: bool = True):
     return _pass_starter, _pass_tangent, _pass_solve, _pass_write
 
 
-def fill_kepler(consts: dict, n_planets, dts, origin, cp, cs, tokenizer, dt_id, out: dict) -> None:
+def fill_kepler(consts: dict, n_planets, dts, origin, cp, cs, tokenizer, dt_id, out: dict, *,
+                star_token: bool = True) -> None:
     """Write the Kepler-mode arrays of S systems into ``out`` (``tokens``, ``positions``, ``states``,
     ``forces``, ``bodies``, ``labelled``; ``[S, T, ...]``, any views).
 
     ``consts``: per-planet arrays ``[S, K]`` named ``a, e, q, cw, sw, n, M0, mp`` and ``ms`` ``[S]`` (the
     same expressions as the numpy path); ``origin`` [S, 2], ``cp``/``cs`` [S] place the planet and star
     (see ``_simulate_kepler``); ``labelled`` comes back as "every planet step" (partial labelling is
-    applied by the caller).
+    applied by the caller); ``star_token=False`` leaves the star rows out (planet-only sequences).
     """
     starter, tangent, solve, write = _get_kernels()
     T = out["tokens"].shape[1]
     S = len(n_planets)
-    per = np.maximum((T - 1) // (n_planets + 1) * n_planets, 1)
+    ns = int(bool(star_token))
+    per = np.maximum((T - 1) // (n_planets + ns) * n_planets, 1)
     L, w, top, pad = tokenizer.coord_range, tokenizer.bin_width, float(tokenizer.n_bins - 1), tokenizer.pad_id
     buf = np.empty((len(_ROWS), max(CHUNK_TOKENS, int(per.max()))))
     c = consts
@@ -319,7 +324,7 @@ def fill_kepler(consts: dict, n_planets, dts, origin, cp, cs, tokenizer, dt_id, 
         hi = max(hi, lo + 1)
         sl = slice(lo, hi)
         cnt = starter(n_planets[sl], dts[sl], c["a"][sl], c["e"][sl], c["q"][sl], c["cw"][sl], c["sw"][sl],
-                      c["n"][sl], c["M0"][sl], c["mp"][sl], c["ms"][sl], T, buf)
+                      c["n"][sl], c["M0"][sl], c["mp"][sl], c["ms"][sl], T, ns, buf)
         zz = buf[R["tan"], :cnt]
         np.cbrt(zz, out=zz)
         tangent(cnt, buf[R["e"]], buf[R["Ma"]], buf[R["E0"]], buf[R["tan"]])
@@ -327,7 +332,7 @@ def fill_kepler(consts: dict, n_planets, dts, origin, cp, cs, tokenizer, dt_id, 
         solve(cnt, *(buf[R[name]] for name in ("e", "Ma", "E0", "tan", "sg", "a", "q", "cw", "sw", "n", "kG",
                                                 "x", "y", "vx", "vy", "fx", "fy")))
         r = write(n_planets[sl], origin[sl], cp[sl], cs[sl], c["mp"][sl], c["ms"][sl], buf, L, w, top, pad,
-                  dt_id[sl], out["tokens"][sl], out["positions"][sl], out["states"][sl], out["forces"][sl],
+                  dt_id[sl], ns, out["tokens"][sl], out["positions"][sl], out["states"][sl], out["forces"][sl],
                   out["bodies"][sl], out["labelled"][sl])
         if r < 0:
             from gravprobe.orbits.physics import IntegrationError

@@ -7,9 +7,12 @@ state, never on the sequence length or on how many planets a neighbour has.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
+from gravprobe.orbits import physics
+from gravprobe.orbits.physics import G
 from scipy import stats
 
 # METHOD.md §1.2 (facts: the literature's pretraining distribution)
@@ -63,12 +66,114 @@ class SystemParams:
         return np.arange(self.e.shape[1])[None, :] < self.n_planets[:, None]
 
 
+# The distribution each prior uses when its ``dist`` key is absent (today's presets, METHOD.md §1.2); other
+# ``dist`` values are this project's additions, each with its own keys (see :func:`check_priors`).
+DEFAULT_DIST = {"eccentricity": "beta", "semi_major_axis": "uniform", "planet_mass": "gamma",
+                "star_mass": "lognormal"}
+PRIOR_KEYS = {
+    "eccentricity": {"beta": {"a", "b"}, "uniform": {"low", "high"}},
+    "semi_major_axis": {"uniform": {"low", "high"}, "period_uniform": {"low", "high"}},
+    "planet_mass": {"gamma": {"shape", "loc", "scale", "clip"}, "fixed": {"value"},
+                    "loguniform": {"low", "high"}, "ratio_loguniform": {"low", "high"}},
+    "star_mass": {"lognormal": {"s", "loc", "scale", "clip"}, "fixed": {"value"}, "loguniform": {"low", "high"}},
+}
+
+
+def prior_dist(priors: dict, name: str) -> str:
+    """The distribution of prior ``name`` (``priors[name]["dist"]``, else :data:`DEFAULT_DIST`)."""
+    return priors[name].get("dist", DEFAULT_DIST[name])
+
+
+def merge_priors(given: dict | None) -> dict:
+    """:data:`DEFAULT_PRIORS` updated by ``given``: a prior whose ``dist`` differs from the default replaces the
+    default entry (no Beta parameters left beside a uniform range); one with the default ``dist`` (or none) is
+    merged key by key, and an explicit default ``dist`` is dropped (so that specs, and their hashes, do not
+    change by spelling it)."""
+    out = json.loads(json.dumps(DEFAULT_PRIORS))
+    for k, v in dict(given or {}).items():
+        if isinstance(v, dict) and k in DEFAULT_DIST:
+            v = dict(v)
+            if v.get("dist", DEFAULT_DIST[k]) == DEFAULT_DIST[k]:
+                v.pop("dist", None)
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _range(name: str, dist: str, p: dict, lo_min: float | None = None, hi_max: float | None = None,
+           positive: bool = False, err=ValueError) -> None:
+    lo, hi = p.get("low"), p.get("high")
+    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in (lo, hi))
+    if not ok or not lo < hi:
+        raise err(f"data.priors.{name}: {dist} needs numbers low < high, got low={lo!r}, high={hi!r}")
+    if positive and lo <= 0:
+        raise err(f"data.priors.{name}: {dist} needs low > 0, got low={lo}")
+    if lo_min is not None and lo < lo_min:
+        raise err(f"data.priors.{name}: low={lo} must be >= {lo_min}")
+    if hi_max is not None and hi >= hi_max:
+        raise err(f"data.priors.{name}: high={hi} must be < {hi_max}")
+
+
+def check_priors(priors: dict) -> None:
+    """Typed errors naming ``data.priors.<key>`` for unknown distributions, unknown or missing keys and
+    invalid ranges (``e`` must stay in [0, 1), masses, semi-major axes and periods positive)."""
+    for name, dists in PRIOR_KEYS.items():
+        p = priors[name]
+        if not isinstance(p, dict):
+            raise TypeError(f"data.priors.{name} must be a mapping, got {p!r}")
+        dist = prior_dist(priors, name)
+        if dist not in dists:
+            raise ValueError(f"data.priors.{name}.dist={dist!r} is unknown; choose one of {sorted(dists)}")
+        keys = set(p) - {"dist"}
+        if keys != dists[dist]:
+            raise ValueError(f"data.priors.{name} ({dist}) takes keys {sorted(dists[dist])}, got {sorted(keys)}"
+                             f"{'; drop ' + str(sorted(keys - dists[dist])) if keys - dists[dist] else ''}")
+        if dist in ("uniform", "period_uniform", "loguniform", "ratio_loguniform"):
+            if name == "eccentricity":
+                _range(name, dist, p, lo_min=0.0, hi_max=1.0, err=physics.EccentricityError)
+            else:
+                err = physics.SemiMajorAxisError if name == "semi_major_axis" else physics.MassError
+                _range(name, dist, p, positive=True, err=err)
+        if dist == "fixed":
+            physics.check_masses([p["value"]], f"data.priors.{name}.value")
+        if dist == "gamma" or dist == "lognormal":
+            physics.check_masses(p["clip"], f"data.priors.{name}.clip")
+        if dist == "beta" and not (p["a"] > 0 and p["b"] > 0):
+            raise physics.EccentricityError(f"data.priors.eccentricity: Beta needs a > 0 and b > 0, got {p}")
+
+
+def mass_bounds(priors: dict, name: str) -> tuple[float, float]:
+    """Smallest and largest mass (Msun) prior ``name`` can give (``ratio_loguniform``: the ratio's range)."""
+    p = priors[name]
+    dist = prior_dist(priors, name)
+    if dist == "fixed":
+        return float(p["value"]), float(p["value"])
+    if dist in ("loguniform", "ratio_loguniform"):
+        return float(p["low"]), float(p["high"])
+    return float(p["clip"][0]), float(p["clip"][1])
+
+
+def _loguniform(rng: np.random.Generator, low: float, high: float, size) -> np.ndarray:
+    return np.exp(rng.uniform(np.log(low), np.log(high), size=size))
+
+
 def sample_systems(rng: np.random.Generator, n: int, *, system: str = "prior", planets=(1, 10),
-                   priors: dict | None = None, n_dt: int = 2, dt_index: int | None = None) -> SystemParams:
+                   priors: dict | None = None, n_dt: int = 2, dt_index: int | None = None,
+                   fixed_star: bool = False) -> SystemParams:
     """Draw ``n`` systems. ``system="prior"``: METHOD.md §1.2 priors (``planets`` = [K_min, K_max]);
     ``system="solar_system"``: the eight planets with fixed masses, a and e, star 1 Msun; orientations,
     phases, centre of mass and the star's pin point are random in both. ``dt_index`` fixes the time step
-    (else uniform over the ``n_dt`` choices)."""
+    (else uniform over the ``n_dt`` choices).
+
+    Besides the defaults, ``priors`` may choose (key ``dist``): ``eccentricity: uniform {low, high}``;
+    ``semi_major_axis: period_uniform {low, high}`` (the orbital period ``P ~ U(low, high)`` yr, and
+    ``a = (mu P^2 / 4 pi^2)^(1/3)`` from Kepler's third law with ``mu = G (m_p + m_s)``, or ``G m_s`` for a
+    ``fixed_star``); ``planet_mass``: ``fixed {value}``, ``loguniform {low, high}`` (Msun) or
+    ``ratio_loguniform {low, high}`` (``m_p = q m_s``, ``q`` log-uniform); ``star_mass``: ``fixed {value}`` or
+    ``loguniform {low, high}``. The default distributions draw exactly as before (same numbers)."""
     p = {**DEFAULT_PRIORS, **(priors or {})}
     if system == "prior":
         kmin, kmax = int(planets[0]), int(planets[1])
@@ -77,15 +182,35 @@ def sample_systems(rng: np.random.Generator, n: int, *, system: str = "prior", p
         shape = (n, kmax)
         n_planets = rng.integers(kmin, kmax + 1, size=n)
         pe = p["eccentricity"]
-        e = stats.beta(pe["a"], pe["b"]).rvs(size=shape, random_state=rng)
+        if prior_dist(p, "eccentricity") == "beta":
+            e = stats.beta(pe["a"], pe["b"]).rvs(size=shape, random_state=rng)
+        else:  # uniform
+            e = rng.uniform(pe["low"], pe["high"], size=shape)
         pa = p["semi_major_axis"]
         a = stats.uniform(pa["low"], pa["high"] - pa["low"]).rvs(size=shape, random_state=rng)
         pm = p["planet_mass"]
-        m_planet = np.clip(stats.gamma(pm["shape"], loc=pm["loc"], scale=pm["scale"]).rvs(
-            size=shape, random_state=rng), *pm["clip"])
+        pm_dist = prior_dist(p, "planet_mass")
+        if pm_dist == "gamma":
+            m_planet = np.clip(stats.gamma(pm["shape"], loc=pm["loc"], scale=pm["scale"]).rvs(
+                size=shape, random_state=rng), *pm["clip"])
+        elif pm_dist == "fixed":
+            m_planet = np.full(shape, float(pm["value"]))
+        else:  # loguniform (Msun) or ratio_loguniform (q, multiplied by m_s below)
+            m_planet = _loguniform(rng, pm["low"], pm["high"], shape)
         ps = p["star_mass"]
-        m_star = np.clip(stats.lognorm(ps["s"], loc=ps["loc"], scale=ps["scale"]).rvs(
-            size=n, random_state=rng), *ps["clip"])
+        ps_dist = prior_dist(p, "star_mass")
+        if ps_dist == "lognormal":
+            m_star = np.clip(stats.lognorm(ps["s"], loc=ps["loc"], scale=ps["scale"]).rvs(
+                size=n, random_state=rng), *ps["clip"])
+        elif ps_dist == "fixed":
+            m_star = np.full(n, float(ps["value"]))
+        else:
+            m_star = _loguniform(rng, ps["low"], ps["high"], n)
+        if pm_dist == "ratio_loguniform":
+            m_planet = m_planet * m_star[:, None]
+        if prior_dist(p, "semi_major_axis") == "period_uniform":
+            mu = G * (m_star[:, None] if fixed_star else m_planet + m_star[:, None])
+            a = np.cbrt(mu * a * a / (4.0 * np.pi**2))  # ``a`` held the periods (yr)
     elif system == "solar_system":
         kmax = len(SOLAR_SYSTEM["names"])
         shape = (n, kmax)
