@@ -26,8 +26,8 @@ def test_complete_run_report(tmp_path):
     # count; the oracle's count
     summary = md.split("## Summary", 1)[1].split("##", 1)[0]
     assert "orbits loss 16×" in summary
-    assert "| lssar | 3.300 | 3.500 | 4.300 | 4.500 | 0.470 | 5/5 |" in summary
-    assert "| oracle | — | — | — | — | — | 5/5 |" in summary
+    assert "| lssar | — | 3.300 | 3.500 | 4.300 | 4.500 | 0.470 | 5/5 |" in summary
+    assert "| oracle | — | — | — | — | — | — | 5/5 |" in summary
     # every variant's galaxies, with their verdict counts, and the oracle's row
     assert "**softmax** — newtonian in 0 of 5 galaxies" in md
     assert "**lssa** — newtonian in 2 of 5 galaxies" in md
@@ -229,3 +229,43 @@ def test_latest_skips_folders_without_results(tmp_path):
     assert report.latest(tmp_path) == older
     with pytest.raises(report.ReportError, match="no run or sweep folders"):
         report.latest(tmp_path / "empty")
+
+
+def _dynamics(beats: bool, model_loss: float) -> dict:
+    base = {"copy_previous": {"loss": 3.0, "next_position_error_au": 0.3},
+            "constant_velocity": {"loss": 1.6, "next_position_error_au": 0.02},
+            "constant_acceleration": {"loss": 1.4, "next_position_error_au": 0.01,
+                                      "rollout_error_au": {"1": 0.01, "10": 0.2}}}
+    return {"unit": "nats/coordinate", "model": {"loss": model_loss, "next_position_error_au": 0.005,
+                                                  "next_position_r2": 0.999, "rollout_error_au": {"1": 0.005, "10": 0.1}},
+            "baselines": base, "best_baseline": "constant_acceleration", "beats_best_baseline": beats,
+            "verdict": "beats" if beats else "does not beat"}
+
+
+def test_dynamics_section_and_uninformative_probes(tmp_path):
+    """A model that does not beat the kinematic baselines is said so, and its probes are flagged."""
+    run_dir = write_run(tmp_path / "run", ["softmax", "lssar"])
+    for name, beats, loss in (("softmax", False, 5.0), ("lssar", True, 0.7)):
+        res = json.loads((run_dir / name / "results.json").read_text())
+        res["pretrain"]["dynamics"] = _dynamics(beats, loss)
+        res["pretrain"]["arm"] = "lssar p=3" if name == "lssar" else name
+        (run_dir / name / "results.json").write_text(json.dumps(res))
+    md = report.report_dir(run_dir).read_text()
+    dyn = md.split("## Did the model learn the dynamics?", 1)[1].split("\n## ", 1)[0]
+    assert "| softmax | 5.000 | 3.000 | 1.600 | 1.400 |" in dyn and "**no**" in dyn
+    assert "| lssar | 0.700 |" in dyn and "**yes**" in dyn
+    assert "0.100 vs 0.200 (10 steps)" in dyn
+    assert (run_dir / "figures" / "dynamics_vs_baselines.png").stat().st_size > 1000
+    assert "**Uninformative for softmax:**" in md and "Uninformative for softmax, lssar" not in md
+    summary = md.split("## Summary", 1)[1].split("##", 1)[0]
+    assert "| softmax | no (probes uninformative) |" in summary and "| lssar | yes |" in summary
+    agg = report.aggregate(report.load(run_dir))
+    assert set(agg) >= {"softmax", "lssar p=3"}  # arms, not variant names
+    assert agg["softmax"]["learned_dynamics"] == 0 and agg["lssar p=3"]["learned_dynamics"] == 1
+    assert agg["softmax"]["galaxies_informative"] == 0 and agg["lssar p=3"]["galaxies_informative"] == 5
+
+
+def test_arm_label():
+    assert report.arm_label({"name": "softmax", "window": None}) == "softmax"
+    assert report.arm_label({"name": "softmax", "window": 2}) == "softmax w=2"
+    assert report.arm_label({"name": "lssar", "params": {"sharpen_power": 3}}) == "lssar p=3"

@@ -375,6 +375,37 @@ def _isnum(s: str) -> bool:
         return False
 
 
+def arm_label(attention: dict | None, name: str | None = None) -> str:
+    """A study arm's name from its attention config: the variant, plus its window and sharpening power
+    (``"softmax"``, ``"softmax w=2"``, ``"lssar p=3"``), so that arms of one variant stay apart in a sweep."""
+    att = attention or {}
+    label = str(att.get("name") or name or "model")
+    if att.get("window"):
+        label += f" w={att['window']}"
+    p = (att.get("params") or {}).get("sharpen_power")
+    if label.startswith("lssar") and p is not None:
+        label += f" p={_fmt(p)}"
+    return label
+
+
+def arm_of(v: VariantResult) -> str:
+    """The arm a variant's results belong to (``pretrain.arm``, written by training; else the name)."""
+    return str((v.pretrain or {}).get("arm") or v.name)
+
+
+def dynamics_of(v: VariantResult) -> dict:
+    """``results.json["pretrain"]["dynamics"]``: the model's next-position loss against kinematic baselines
+    on the same validation targets (``gravprobe.pretrain.dynamics``); ``{}`` when not measured."""
+    return dict((v.pretrain or {}).get("dynamics") or {})
+
+
+def learned_dynamics(v: VariantResult) -> bool | None:
+    """Whether the model beats the best kinematic baseline (``None``: not measured)."""
+    d = dynamics_of(v)
+    b = d.get("beats_best_baseline")
+    return None if b is None else bool(b)
+
+
 def aggregate(sweep: SweepResult | RunResult) -> dict[str, dict]:
     """Per variant across the runs (seeds) of a sweep: mean, std (sample, ddof=1), min, max, n of
 
@@ -388,7 +419,7 @@ def aggregate(sweep: SweepResult | RunResult) -> dict[str, dict]:
     by_variant: dict[str, list[tuple[RunResult, VariantResult]]] = {}
     for run in runs:
         for name, v in run.variants.items():
-            by_variant.setdefault(name, []).append((run, v))
+            by_variant.setdefault(arm_of(v), []).append((run, v))
     out: dict[str, dict] = {}
     for name, pairs in by_variant.items():
         agg: dict[str, Any] = {"runs": len(pairs), "seeds": [r.seed for r, _ in pairs],
@@ -404,6 +435,19 @@ def aggregate(sweep: SweepResult | RunResult) -> dict[str, dict]:
         agg["newtonian"] = sum(c for c, _ in counts)
         agg["galaxies"] = sum(n for _, n in counts)
         agg["newtonian_per_run"] = _mean_spread([c for c, _ in counts])
+        learned = [learned_dynamics(v) for _, v in pairs]
+        agg["learned_dynamics"] = sum(bool(x) for x in learned)
+        agg["dynamics_measured"] = sum(x is not None for x in learned)
+        for key in ("loss", "next_position_error_au", "next_position_r2"):
+            agg[f"dynamics/model/{key}"] = _mean_spread([(dynamics_of(v).get("model") or {}).get(key)
+                                                         for _, v in pairs])
+        base = [dynamics_of(v).get("baselines") or {} for _, v in pairs]
+        for b in sorted({k for d in base for k in d}):
+            agg[f"dynamics/{b}/loss"] = _mean_spread([(d.get(b) or {}).get("loss") for d in base])
+        informative = [(sum(bool(g.get("newtonian")) for g in v.galaxies), len(v.galaxies)) for _, v in pairs
+                       if v.galaxies and learned_dynamics(v)]
+        agg["newtonian_informative"] = sum(c for c, _ in informative)
+        agg["galaxies_informative"] = sum(n for _, n in informative)
         out[name] = agg
     for control in ("oracle", "truth"):
         gals = [getattr(run, control) for run in runs if getattr(run, control)]
@@ -703,8 +747,10 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
         png = plot_length_extrapolation(ext, fig_dir / "loss_vs_length.png")
         if png:
             md += [f"![validation loss against length]({_rel(png, base)})", ""]
+    md += _dynamics_section(run, base, fig_dir, heading)
     # probes
     lin = {n: (v.probes or {}).get("linear") or {} for n, v in run.variants.items()}
+    md += _uninformative_warning(run)
     if any(lin.values()):
         md += [f"{heading} Linear probes (held-out R² per layer)", ""]
         for name, table in lin.items():
@@ -720,6 +766,7 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
             md += [f"![probe R² per layer]({_rel(png, base)})", ""]
     if any(v.galaxies for v in run.variants.values()) or run.oracle:
         md += [f"{heading} Recovered force laws (symbolic regression, METHOD §4.3–4.5)", ""]
+        md += _uninformative_warning(run)
         for name, v in [*run.variants.items()]:
             if not v.galaxies:
                 continue
@@ -759,6 +806,78 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
         md += [f"{heading} Figures from the stages", ""]
         md += [f"- [{_rel(p, base)}]({_rel(p, base)})" for p in figs]
         md.append("")
+    return md
+
+
+BASELINES = ("copy_previous", "constant_velocity", "constant_acceleration")
+
+
+def _uninformative_warning(run: RunResult) -> list[str]:
+    bad = [n for n, v in run.variants.items() if learned_dynamics(v) is False and (v.probes or {})]
+    if not bad:
+        return []
+    return [f"**Uninformative for {', '.join(bad)}:** the model does not beat the best kinematic baseline "
+            "(see \"Did the model learn the dynamics?\"), so what its probes and equations show says nothing "
+            "about a learned world model. They are shown for completeness.", ""]
+
+
+def fig_dynamics(dyn: dict[str, dict]):
+    """Model loss against the kinematic baselines, one group of bars per variant (same targets, same unit)."""
+    dyn = {n: d for n, d in dyn.items() if d.get("model")}
+    if not dyn:
+        return None
+    fig, (ax,) = _figure(1, width=max(5.0, 1.6 * len(dyn) + 2), height=3.8)
+    names = ["model", *BASELINES]
+    width = 0.8 / len(names)
+    for j, key in enumerate(names):
+        vals = [((d.get("model") if key == "model" else (d.get("baselines") or {}).get(key)) or {}).get("loss")
+                for d in dyn.values()]
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(dyn))]
+        ax.bar(xs, [v if isinstance(v, (int, float)) else float("nan") for v in vals], width,
+               label=key.replace("_", " "), color=f"C{j}", hatch=["", "//", "..", "xx"][j % 4])
+    ax.set_xticks(range(len(dyn)), list(dyn), rotation=20, ha="right")
+    unit = next(iter(dyn.values())).get("unit", "")
+    ax.set_ylabel(f"next-position loss ({unit})")
+    if "MSE" in unit or "AU" in unit:
+        ax.set_yscale("log")
+    ax.set_title("model vs kinematic baselines (validation systems; lower is better)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _dynamics_section(run: RunResult, base: Path, fig_dir: Path, heading: str) -> list[str]:
+    dyn = {n: dynamics_of(v) for n, v in run.variants.items()}
+    if not any(dyn.values()):
+        return []
+    unit = next((d.get("unit") for d in dyn.values() if d.get("unit")), "")
+    md = [f"{heading} Did the model learn the dynamics?", "",
+          f"Next-position loss ({unit}) on the same validation targets for the model and for kinematic "
+          "baselines (the same body's previous positions; residual distributions fitted on the training "
+          "systems). A probe or an equation means something only for a model that beats the best baseline.", ""]
+    rows = []
+    for n, d in dyn.items():
+        if not d:
+            continue
+        m, b = d.get("model") or {}, d.get("baselines") or {}
+        best = d.get("best_baseline")
+        roll = m.get("rollout_error_au") or {}
+        kmax = max(roll, key=lambda k: float(k)) if roll else None
+        broll = ((b.get(best) or {}).get("rollout_error_au") or {}) if best else {}
+        rows.append([n, m.get("loss"), *[(b.get(k) or {}).get("loss") for k in BASELINES],
+                     m.get("next_position_error_au"), (b.get(best) or {}).get("next_position_error_au") if best else None,
+                     m.get("next_position_r2"),
+                     f"{_fmt(roll.get(kmax))} vs {_fmt(broll.get(kmax))} ({kmax} steps)" if kmax else None,
+                     {True: "**yes**", False: "**no**"}.get(d.get("beats_best_baseline"), "—")])
+    md += _md_table(["variant", "model", "copy previous", "const. velocity", "const. acceleration",
+                     "next-pos. error (AU)", "best baseline's error (AU)", "next-pos. R²",
+                     "roll-out error (AU), model vs best baseline", "beats best baseline"], rows)
+    md.append("")
+    md += [f"- {n}: {d['verdict']}" for n, d in dyn.items() if d.get("verdict")]
+    md.append("")
+    png = save_figure(fig_dynamics(dyn), fig_dir / "dynamics_vs_baselines.png")
+    if png:
+        md += [f"![model vs kinematic baselines]({_rel(png, base)})", ""]
     return md
 
 
@@ -812,6 +931,7 @@ def summary_table(run: RunResult) -> list[dict]:
         row["best R² log|F|"] = max((x for x in lin.values() if isinstance(x, (int, float))), default=None)
         row["newtonian"] = f"{sum(bool(g.get('newtonian')) for g in v.galaxies)}/{len(v.galaxies)}" if v.galaxies \
             else None
+        row["learned dynamics"] = {True: "yes", False: "no (probes uninformative)"}.get(learned_dynamics(v))
         rows.append(row)
     for control, gals in (("oracle", run.oracle), ("truth", run.truth)):
         if gals:
@@ -825,8 +945,10 @@ def _summary(run: RunResult) -> list[str]:
         return []
     maxx = next((r.get("orbits max x") or r.get("text max x") for r in rows if r.get("orbits max x")
                  or r.get("text max x")), None)
-    cols = ["model", "orbits@1x", "orbits@max", "text@1x", "text@max", "best R² log|F|", "newtonian"]
-    header = ["model", "orbits loss 1×", f"orbits loss {maxx}×" if maxx else "orbits loss max",
+    cols = ["model", "learned dynamics", "orbits@1x", "orbits@max", "text@1x", "text@max", "best R² log|F|",
+            "newtonian"]
+    header = ["model", "beats kinematic baselines", "orbits loss 1×",
+              f"orbits loss {maxx}×" if maxx else "orbits loss max",
               "text loss 1×", f"text loss {maxx}×" if maxx else "text loss max",
               "best linear-probe R² of log\\|F\\|", "Newton recovered (galaxies)"]
     return ["## Summary", "", *_md_table(header, [[r.get(c) for c in cols] for r in rows]), ""]
@@ -874,9 +996,26 @@ def render_sweep(sweep: SweepResult) -> str:
         md += [f"- {p}" for p in sweep.problems]
         md += [f"- `{r.dir.name}`: " + "; ".join(r.problems) for r in incomplete]
         md.append("")
+    if any(agg[n].get("dynamics_measured") for n in variants):
+        md += ["## Did the models learn the dynamics? (mean ± sd over seeds)", "",
+               "Next-position loss on the same validation targets as the kinematic baselines (lower is better); "
+               "a run counts as having learned the dynamics when it beats the best baseline. Probes and equations "
+               "of runs that do not are uninformative.", ""]
+        bases = [b for b in BASELINES if any(agg[n].get(f"dynamics/{b}/loss") for n in variants)]
+        md += _md_table(["arm", "runs that beat the best baseline", "model loss",
+                         *[b.replace("_", " ") for b in bases], "next-pos. error (AU)", "next-pos. R²"],
+                        [[n, f"{agg[n]['learned_dynamics']}/{agg[n]['dynamics_measured']}",
+                          _pm(agg[n].get("dynamics/model/loss")),
+                          *[_pm(agg[n].get(f"dynamics/{b}/loss")) for b in bases],
+                          _pm(agg[n].get("dynamics/model/next_position_error_au")),
+                          _pm(agg[n].get("dynamics/model/next_position_r2"))] for n in variants])
+        md.append("")
     md += ["## Newton's law recovered (galaxies × seeds)", ""]
-    md += _md_table(["model", "newtonian", "galaxies", "per run (mean ± sd)", "runs"],
-                    [[n, agg[n]["newtonian"], agg[n]["galaxies"], _pm(agg[n]["newtonian_per_run"]), agg[n]["runs"]]
+    md += _md_table(["model", "newtonian", "galaxies", "per run (mean ± sd)", "runs",
+                     "newtonian in runs that learned the dynamics"],
+                    [[n, agg[n]["newtonian"], agg[n]["galaxies"], _pm(agg[n]["newtonian_per_run"]), agg[n]["runs"],
+                      (f"{agg[n]['newtonian_informative']}/{agg[n]['galaxies_informative']}"
+                       if n in variants and agg[n].get("dynamics_measured") else "—")]
                      for n in [*variants, *controls]])
     md.append("")
     png = plot_newtonian_counts(agg, base / "figures" / "newtonian_counts.png")
@@ -905,10 +1044,11 @@ def render_sweep(sweep: SweepResult) -> str:
     for r in sweep.runs:
         for n, v in r.variants.items():
             k = sum(bool(g.get("newtonian")) for g in v.galaxies)
-            rows.append([f"[{r.dir.name}]({_rel(r.dir, base)}/report.md)", r.seed, n,
+            rows.append([f"[{r.dir.name}]({_rel(r.dir, base)}/report.md)", r.seed, arm_of(v),
                          (((v.pretrain or {}).get("loss") or {}).get("orbits") or {}).get("last"),
+                         {True: "yes", False: "no"}.get(learned_dynamics(v), "—"),
                          f"{k}/{len(v.galaxies)}" if v.galaxies else "—", "yes" if v.complete else "no"])
-    md += _md_table(["run", "seed", "variant", "orbits loss", "newtonian", "complete"], rows)
+    md += _md_table(["run", "seed", "arm", "orbits loss", "learned dynamics", "newtonian", "complete"], rows)
     md.append("")
     md += ["## Equations (every galaxy of every run)", ""]
     md += _md_table(["run", "seed", "model", "galaxy", "recovered law", "newtonian", "R² Newton"],
