@@ -2,29 +2,43 @@
 
 ``main(cfg, run_dir)`` (called by ``gravprobe probe``) writes into ``run_dir``:
 
-- ``results.json["probes"]`` = ``{"linear": {target: {layer: r2}}, "mlp": {...},
-  "galaxies": [verdict × n_galaxies], "oracle": {"galaxies": [...]}, "truth": {"galaxies": [...]},
-  "head": {...}, "selection": {...}, "sr": {...}}`` (DESIGN.md "Runs and files");
+- ``results.json["probes"]`` = ``{"protocol", "requested", "done", "linear": {target: {layer: r2}},
+  "mlp": {...}, "galaxies": [verdict × n_galaxies], "oracle": {"galaxies": [...]}, "truth": {...},
+  "oracle_without_m1": {...}, "memoriser": {...}, "counts", "counts_reason", "counts_rule", "head": {...},
+  "selection": {...}, "sr": {...}}`` (DESIGN.md "Runs and files"). ``requested`` lists the parts
+  ``cfg.probe`` asked for, ``done`` those whose results are written (:func:`requested_parts`,
+  :func:`parts_done`): the stage is complete when ``set(requested) <= set(done)``;
 - ``probes_linear.csv`` (probe, layer, target, r2) and ``probes_linear.png`` (R² per layer);
 - ``equations_<source>_galaxy<seed>.csv`` — the full Pareto front per galaxy, for ``source`` in
-  ``head`` (the fine-tuned model), ``oracle`` (2-NN) and ``truth`` (true |F| with 1 % noise);
+  ``head`` (the fine-tuned model), ``oracle`` (2-NN), ``truth`` (true |F| with 1 % noise),
+  ``oracle_no_m1`` (2-NN without log m_planet) and ``memoriser`` (the sequence's own labels);
 - ``force_pred_vs_true.png`` and ``equations_<source>.png`` (each galaxy's law against its data).
+
+Protocols (``probe.protocol``, METHOD §4.6): ``two_label`` (the literature's; held-out sequences keep 2
+labels) or ``unlabelled`` (held-out sequences carry none; force data made with
+``force_data.labelling.partial_steps=0``). The model-independent controls are cached by content under
+``probe.controls.cache_dir`` (:func:`recover_laws_cached`).
 
 Torch and the model are imported only inside the functions that need them.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import sympy as sp
 
-from gravprobe.probes.data import (SR_NAMES, make_galaxies, noisy_truth, oracle_predict, select_nearest,
-                                   split_force_data)
-from gravprobe.probes.symbolic import SRResult, fit_equation
+from gravprobe.common import atomic_write_json
+from gravprobe.probes.data import (FEATURES, SR_NAMES, PlanetSteps, make_galaxies, memoriser_predict, noisy_truth,
+                                   oracle_predict, select_nearest, split_force_data)
+from gravprobe.probes.symbolic import EquationTable, SRResult, evaluate, fit_equation
 from gravprobe.probes.verdict import compare_to_newton
 
 log = logging.getLogger(__name__)
@@ -86,6 +100,194 @@ def recover_laws(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], s
         verdicts.append(d)
         fits.append(res)
     return verdicts, fits
+
+
+# ------------------------------------------------------------------------ model-independent controls
+#: Bump when the cached content or the way the controls are computed changes (invalidates old files).
+CONTROLS_CACHE_VERSION = 1
+
+#: The rule behind ``results.json["probes"]["counts"]`` (METHOD §4.6).
+COUNTS_RULE = ("a model result counts only where it beats the memoriser's protocol: under two_label, the "
+               "fine-tuned model's laws must be Newtonian in more galaxies than the label memoriser's (which "
+               "passes by reading its own sequence's labels); under unlabelled, the memoriser has no labels "
+               "and cannot run, so the result counts (Newtonian or not); no model galaxies -> does not count")
+
+
+@dataclass
+class CachedLaw:
+    """A law read back from the controls cache: the chosen ``expression`` and ``predict`` like SRResult."""
+
+    expression: Any
+    names: tuple[str, ...] = SR_NAMES
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return evaluate(self.expression, self.names, X)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def controls_cache_key(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
+                       sr_kwargs: dict, verdict_kwargs: dict | None) -> str:
+    """sha256 of everything a control's laws depend on: the pool's SR inputs ``X [P, 3]``, the values
+    ``y [P]``, the galaxies (indices into the pool) and their seeds, the SR settings and the verdict
+    thresholds. ``X``/``y``/galaxies are themselves functions of the force dataset, the protocol, the
+    selection settings and the seed, so the key covers those without naming them, and cannot go stale."""
+    payload = {"version": CONTROLS_CACHE_VERSION, "data": _digest(np.asarray(X, np.float64), np.asarray(y, np.float64),
+                                                                    *[np.asarray(g, np.int64) for g in galaxies]),
+               "seeds": [int(s) for s in seeds], "sr": sr_kwargs, "verdict": verdict_kwargs or {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_cache(path: Path, key: str, n: int) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        if d.get("key") != key or len(d["verdicts"]) != n or len(d["tables"]) != n:
+            raise ValueError("key or length mismatch")
+        for v in d["verdicts"]:
+            sp.sympify(v["expression"])
+        return d
+    except Exception as e:  # noqa: BLE001 - any unreadable cache is recomputed and rewritten
+        log.warning("controls cache %s is unreadable (%s): ignoring it, it will be rewritten", path, e)
+        return None
+
+
+def recover_laws_cached(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
+                        sr_kwargs: dict, *, cache_dir: str | Path | None, out_dir: str | Path | None = None,
+                        tag: str = "oracle", verdict_kwargs: dict | None = None) -> tuple[list[dict], list, bool]:
+    """:func:`recover_laws` for a model-independent control, through the cache ``cache_dir/<tag>-<key>.json``
+    (:func:`controls_cache_key`; ``cache_dir=None`` disables it). Returns ``(verdicts, laws, cached)``;
+    on a hit nothing is fitted, the equation tables are rewritten into ``out_dir`` from the cache and the
+    ``laws`` are :class:`CachedLaw`. A corrupt file is logged, ignored and rewritten."""
+    if cache_dir is None:
+        v, fits = recover_laws(X, y, galaxies, seeds, sr_kwargs, out_dir=out_dir, tag=tag, verdict_kwargs=verdict_kwargs)
+        return v, fits, False
+    key = controls_cache_key(X, y, galaxies, seeds, sr_kwargs, verdict_kwargs)
+    path = Path(cache_dir) / f"{tag}-{key[:24]}.json"
+    hit = _read_cache(path, key, len(galaxies))
+    if hit is not None:
+        log.info("%s: laws read from the controls cache %s (no symbolic regression)", tag, path)
+        symbols = {n: sp.Symbol(n, positive=True) for n in SR_NAMES}
+        laws = [CachedLaw(sp.sympify(v["expression"], locals=symbols)) for v in hit["verdicts"]]
+        verdicts = [dict(v) for v in hit["verdicts"]]
+        if out_dir is not None:
+            for v, rows in zip(verdicts, hit["tables"]):
+                v["table"] = EquationTable(rows).to_csv(Path(out_dir) / f"equations_{tag}_galaxy{v['seed']}.csv").name
+        return verdicts, laws, True
+    verdicts, fits = recover_laws(X, y, galaxies, seeds, sr_kwargs, out_dir=out_dir, tag=tag,
+                                  verdict_kwargs=verdict_kwargs)
+    try:
+        atomic_write_json(path, {"key": key, "tag": tag, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                 "n_pool": len(y), "seeds": [int(s) for s in seeds], "sr": sr_kwargs,
+                                 "verdicts": verdicts, "tables": [f.table.to_records() for f in fits]})
+        log.info("%s: laws cached in %s", tag, path)
+    except OSError as e:
+        log.warning("could not write the controls cache %s (%s); continuing without it", path, e)
+    return verdicts, fits, False
+
+
+def requested_parts(pc) -> list[str]:
+    """The parts of the probe stage that ``cfg.probe`` asks for, as they are named in
+    ``results.json["probes"]["requested"]`` and ``["done"]`` (see :func:`parts_done`)."""
+    parts = []
+    if _get(_get(pc, "linear"), "enabled", _get(pc, "linear") is not None):
+        parts.append("linear")
+    if _get(_get(pc, "readouts"), "enabled", _get(pc, "readouts") is not None):
+        parts.append("readouts")
+    if _get(_get(pc, "head"), "enabled", _get(pc, "head") is not None):
+        parts.append("head")
+    orc = _get(pc, "oracle")
+    if orc is None or _get(orc, "enabled", True):
+        parts.append("oracle")
+        if _get(orc, "truth_control", True) and float(_get(orc, "truth_noise", 0.01)) >= 0:
+            parts.append("truth")
+    ctl = _get(pc, "controls")
+    if _get(ctl, "memoriser", True):
+        parts.append("memoriser")
+    if _get(ctl, "oracle_without_m1", True):
+        parts.append("oracle_without_m1")
+    return parts
+
+
+def parts_done(out: dict) -> list[str]:
+    """The parts whose results are in ``out`` (the ``probes`` section): ``linear`` / ``readouts`` when
+    non-empty, ``head`` when the model's galaxies are there, a control when its galaxies are there (the
+    memoriser also when it was found not applicable)."""
+    done = [p for p in ("linear", "readouts") if out.get(p)]
+    if out.get("galaxies"):
+        done.append("head")
+    for c in ("oracle", "truth", "oracle_without_m1", "memoriser"):
+        sec = out.get(c) or {}
+        if sec.get("galaxies") or (c == "memoriser" and sec.get("applicable") is False):
+            done.append(c)
+    return done
+
+
+def result_counts(protocol: str, model_galaxies: list[dict], memoriser: dict | None) -> tuple[bool, str]:
+    """``(counts, reason)`` under :data:`COUNTS_RULE`."""
+    if not model_galaxies:
+        return False, "no model galaxies (probe.head disabled or not run)"
+    n_model = sum(bool(g["newtonian"]) for g in model_galaxies)
+    if protocol == "unlabelled":
+        return True, (f"unlabelled protocol: the memoriser cannot run; the model is Newtonian in {n_model} of "
+                      f"{len(model_galaxies)} galaxies")
+    if not memoriser or not memoriser.get("galaxies"):
+        return False, ("two_label protocol without the memoriser control (probe.controls.memoriser=false): "
+                       "the result cannot be told from memorisation")
+    n_mem = sum(bool(g["newtonian"]) for g in memoriser["galaxies"])
+    return n_model > n_mem, (f"two_label protocol: model Newtonian in {n_model}, memoriser in {n_mem} of "
+                             f"{len(model_galaxies)} galaxies")
+
+
+def run_controls(train: PlanetSteps, pool: PlanetSteps, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
+                 pc, *, protocol: str, seed: int, sr_kwargs: dict, verdict_kwargs: dict | None,
+                 run_dir: Path, cache_dir: str | Path | None) -> tuple[dict, dict]:
+    """The model-independent controls of METHOD §4.4/§4.6 on the selected ``pool`` (the model's pool),
+    through the same galaxies, regression and verdict: the k-NN oracle, the noisy truth, the oracle without
+    m1 and the label memoriser. Returns ``(sections, series)``: the ``results.json["probes"]`` sections by
+    name and the (true, predicted) |F| per control for the pred-vs-true figure."""
+    orc = _get(pc, "oracle")
+    ctl = _get(pc, "controls")
+    k = int(_get(orc, "k", 2))
+    X = pool.sr_inputs
+    jobs: list[tuple[str, str, dict, Any]] = []  # (section, file tag, extra fields, y or None)
+    if orc is None or _get(orc, "enabled", True):
+        jobs.append(("oracle", "oracle", {"k": k}, lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k)))
+        noise = float(_get(orc, "truth_noise", 0.01))
+        if noise >= 0 and _get(orc, "truth_control", True):
+            jobs.append(("truth", "truth", {"noise": noise}, lambda: noisy_truth(pool.magnitude, noise, seed)))
+    if _get(ctl, "oracle_without_m1", True):
+        feats = [f for f in FEATURES if f != "log_m_planet"]
+        jobs.append(("oracle_without_m1", "oracle_no_m1", {"k": k, "features": feats},
+                     lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k, exclude=("log_m_planet",))))
+    if _get(ctl, "memoriser", True):
+        extra = {"r_from": "true state", "applicable": protocol != "unlabelled"}
+        jobs.append(("memoriser", "memoriser", extra,
+                     None if protocol == "unlabelled" else (lambda: memoriser_predict(train, pool))))
+    titles = {"oracle": f"{k}-NN oracle", "truth": "true |F| with noise", "oracle_without_m1": f"{k}-NN oracle without m1",
+              "memoriser": "label memoriser"}
+    sections: dict[str, dict] = {}
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, tag, extra, make_y in jobs:
+        if make_y is None:
+            sections[name] = {**extra, "note": "not applicable: no labels in held-out sequences", "galaxies": []}
+            log.info("%s: not applicable under the %s protocol (no labels in held-out sequences)", name, protocol)
+            continue
+        y = make_y()
+        v, laws, cached = recover_laws_cached(X, y, galaxies, seeds, sr_kwargs, cache_dir=cache_dir, out_dir=run_dir,
+                                              tag=tag, verdict_kwargs=verdict_kwargs)
+        sections[name] = {**extra, "cached": cached, "galaxies": v}
+        series[titles[name]] = (pool.magnitude, y)
+        plot_laws(X, y, galaxies, laws, v, titles[name], run_dir / f"equations_{tag}.png")
+    return sections, series
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -203,7 +405,7 @@ def load_model(cfg, run_dir: Path, device: str):
 
 
 def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
-    """Everything after loading: linear probes, head, oracle, truth control, laws and verdicts."""
+    """Everything after loading: linear probes, head, the controls, laws and verdicts (module docstring)."""
     from gravprobe.common import update_results
     from gravprobe.probes.force_head import finetune_force_head
     from gravprobe.probes.linear import run_linear_probes
@@ -213,7 +415,10 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     pc = cfg.probe
     seed = int(_get(cfg, "seed", 0))
     workers = int(_get(cfg, "workers", 0))
-    out: dict[str, Any] = {}
+    protocol = str(_get(pc, "protocol", "two_label"))
+    out: dict[str, Any] = {"protocol": protocol, "requested": requested_parts(pc), "done": []}
+    # §4.3 split under the protocol; checks the dataset against probe.protocol before any work
+    train, held = split_force_data(ds, protocol)
 
     # §4.1 linear probes (on a copy of the pretrained weights: the head fine-tunes the trunk afterwards)
     lin = _get(pc, "linear")
@@ -227,18 +432,26 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     else:
         out["linear"] = {}
 
-    # §4.3 selection: training states = labelled steps; pool = held-out steps nearest to them
-    train, held = split_force_data(ds)
+    # §4.3 selection: reference = training states = labelled steps (only sequences that carry labels);
+    # pool = the held-out steps nearest to them
     sel = _get(pc, "selection")
-    order, dist = select_nearest(train.state, held.state, int(_get(sel, "n_keep", 5000)),
-                                 max_reference=_get(sel, "max_reference", 200_000), seed=seed)
+    order, dist, nearest = select_nearest(train.state, held.state, int(_get(sel, "n_keep", 5000)),
+                                          max_reference=_get(sel, "max_reference", 200_000), seed=seed,
+                                          return_nearest=True)
     seeds = [int(s) for s in _get(sel, "seeds", [0, 1, 2, 3, 4])]
     size = min(int(_get(sel, "galaxy_size", 1000)), len(order))
     galaxies = make_galaxies(len(order), size, seeds)
     pool = held.subset(order)
     X = pool.sr_inputs
-    out["selection"] = {"n_training_states": len(train), "n_heldout_states": len(held), "n_pool": len(order),
-                        "galaxy_size": size, "seeds": seeds, "max_distance": float(dist.max())}
+    same_seq = train.system[nearest] == pool.system  # nearest training state in the state's own sequence
+    out["selection"] = {"protocol": protocol, "reference": "labelled planet steps",
+                        "n_training_states": len(train), "n_reference_sequences": len(np.unique(train.system)),
+                        "n_heldout_states": len(held), "n_heldout_sequences": len(np.unique(held.system)),
+                        "n_pool": len(order), "galaxy_size": size, "seeds": seeds, "max_distance": float(dist.max()),
+                        "same_sequence_fraction": float(same_seq.mean()),
+                        "same_sequence_fraction_galaxies": [float(same_seq[g].mean()) for g in galaxies]}
+    log.info("selection (%s protocol): %.1f %% of the %d selected states have their nearest training state in "
+             "their own sequence", protocol, 100 * same_seq.mean(), len(order))
     sr_kwargs = sr_settings(cfg.sr, workers)
     verdict_kwargs = _plain(_get(pc, "verdict")) or {}
     out["sr"] = {k: v for k, v in sr_kwargs.items()}
@@ -271,28 +484,26 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
                                verdict_kwargs=verdict_kwargs)
         out["galaxies"] = v
         plot_laws(X, y_head, galaxies, fits, v, "fine-tuned model", run_dir / "equations_head.png")
+        out["done"] = parts_done(out)
         update_results(run_dir, "probes", out)  # partial results survive an interruption of the controls
     else:
         out["galaxies"] = []
 
-    # §4.4 oracle and the noisy-truth control, through the same selection and regression
-    orc = _get(pc, "oracle")
-    if orc is None or _get(orc, "enabled", True):
-        y_or = oracle_predict(train.state, train.magnitude, pool.state, k=int(_get(orc, "k", 2)))
-        series["2-NN oracle"] = (pool.magnitude, y_or)
-        v, fits = recover_laws(X, y_or, galaxies, seeds, sr_kwargs, out_dir=run_dir, tag="oracle",
-                               verdict_kwargs=verdict_kwargs)
-        out["oracle"] = {"k": int(_get(orc, "k", 2)), "galaxies": v}
-        plot_laws(X, y_or, galaxies, fits, v, "2-NN oracle", run_dir / "equations_oracle.png")
-        noise = float(_get(orc, "truth_noise", 0.01))
-        if noise >= 0 and _get(orc, "truth_control", True):
-            y_tr = noisy_truth(pool.magnitude, noise, seed)
-            v, fits = recover_laws(X, y_tr, galaxies, seeds, sr_kwargs, out_dir=run_dir, tag="truth",
-                                   verdict_kwargs=verdict_kwargs)
-            out["truth"] = {"noise": noise, "galaxies": v}
-            plot_laws(X, y_tr, galaxies, fits, v, f"true |F| with {noise:.0%} noise", run_dir / "equations_truth.png")
+    # §4.4/§4.6 model-independent controls, through the same selection, galaxies, regression and verdict
+    # (cached by content under probe.controls.cache_dir: a study on one dataset fits them once)
+    ctl = _get(pc, "controls")
+    cache_dir = _get(ctl, "cache_dir")
+    sections, control_series = run_controls(train, pool, galaxies, seeds, pc, protocol=protocol, seed=seed,
+                                            sr_kwargs=sr_kwargs, verdict_kwargs=verdict_kwargs, run_dir=run_dir,
+                                            cache_dir=cache_dir)
+    out.update(sections)
+    series.update(control_series)
+    counts, reason = result_counts(protocol, out.get("galaxies") or [], out.get("memoriser"))
+    out.update({"counts": counts, "counts_reason": reason, "counts_rule": COUNTS_RULE})
+    log.info("result counts: %s (%s)", counts, reason)
     if series:
         plot_pred_vs_true(series, run_dir / "force_pred_vs_true.png")
+    out["done"] = parts_done(out)
     update_results(run_dir, "probes", out)
     return out
 
@@ -307,6 +518,7 @@ def main(cfg, run_dir) -> dict:
     summary = {"checkpoint": str(ckpt),
                "newtonian_galaxies": sum(g["newtonian"] for g in out.get("galaxies", [])),
                "oracle_newtonian_galaxies": sum(g["newtonian"] for g in out.get("oracle", {}).get("galaxies", [])),
-               "n_galaxies": len(out.get("galaxies", []))}
+               "n_galaxies": len(out.get("galaxies", [])), "protocol": out.get("protocol"),
+               "counts": out.get("counts")}
     log.info("probe summary: %s", summary)
     return summary

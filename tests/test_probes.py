@@ -220,9 +220,43 @@ def test_missing_checkpoint_message(tmp_path):
 
 
 def test_run_probes_without_head_still_reports_controls(ds, tmp_path):
-    cfg = _compose(SMALL + ["probe.head.enabled=false", "probe.linear.enabled=false", "probe.oracle.truth_control=false"])
+    cfg = _compose(SMALL + ["probe.head.enabled=false", "probe.linear.enabled=false", "probe.oracle.truth_control=false",
+                            "probe.controls.cache_dir=null", "++probe.readouts.enabled=false"])
     out = run_probes(tiny_model(), ds, cfg, tmp_path)
     assert out["galaxies"] == [] and len(out["oracle"]["galaxies"]) == 2 and "truth" not in out
+    assert out["protocol"] == "two_label" and out["selection"]["same_sequence_fraction"] > 0.9
+    assert len(out["memoriser"]["galaxies"]) == 2 and out["memoriser"]["applicable"]
+    assert len(out["oracle_without_m1"]["galaxies"]) == 2 and "log_m_planet" not in out["oracle_without_m1"]["features"]
+    assert out["requested"] == ["oracle", "memoriser", "oracle_without_m1"]
+    assert set(out["requested"]) <= set(out["done"]) and out["counts"] is False
+    for tag in ("oracle", "oracle_no_m1", "memoriser"):
+        assert (tmp_path / f"equations_{tag}_galaxy1.csv").exists() and (tmp_path / f"equations_{tag}.png").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["probes"]["done"] == out["done"]
+
+
+def test_run_probes_unlabelled_protocol(ds_unlabelled, ds, tmp_path):
+    over = SMALL + ["probe.linear.enabled=false", "++probe.readouts.enabled=false", "probe.head.steps=3", "probe.oracle.truth_control=false",
+                    "probe.controls.oracle_without_m1=false", f"probe.controls.cache_dir={tmp_path / 'cache'}"]
+    cfg = _compose(over + ["probe.protocol=unlabelled"])
+    out = run_probes(tiny_model(), ds_unlabelled, cfg, tmp_path / "run")
+    assert out["selection"]["same_sequence_fraction"] == 0.0 and out["selection"]["n_heldout_sequences"] == N_SYS - FULL
+    assert out["memoriser"]["applicable"] is False and out["memoriser"]["galaxies"] == []
+    assert out["counts"] is True and "unlabelled" in out["counts_reason"] and out["counts_rule"]
+    assert out["requested"] == ["head", "oracle", "memoriser"] and set(out["requested"]) <= set(out["done"])
+    assert len(out["galaxies"]) == 2
+    with pytest.raises(ValueError, match="partial_steps=0"):  # the literature's data under the unlabelled protocol
+        run_probes(tiny_model(), ds, cfg, tmp_path / "run2")
+
+
+def test_result_counts_rule():
+    from gravprobe.probes.pipeline import result_counts
+
+    g = lambda *flags: [{"newtonian": f} for f in flags]  # noqa: E731
+    assert result_counts("two_label", g(1, 1, 1), {"galaxies": g(1, 1, 0)})[0] is True
+    assert result_counts("two_label", g(1, 1, 1), {"galaxies": g(1, 1, 1)})[0] is False    # memoriser does as well
+    assert result_counts("two_label", g(1, 1, 1), None)[0] is False                       # no memoriser, no claim
+    assert result_counts("unlabelled", g(0, 0, 0), {"applicable": False, "galaxies": []})[0] is True
+    assert result_counts("unlabelled", [], None)[0] is False
 
 
 def test_force_head_vector_protocol(ds):
@@ -236,3 +270,147 @@ def test_force_head_vector_protocol(ds):
     res = finetune_force_head(tiny_model(3), ds, np.arange(FULL - 2, FULL + 2), partial, qmask, cfg, seed=0)
     assert res.protocol == "vector" and res.pred_vector.shape == (qmask.sum(), 2)
     np.testing.assert_allclose(res.pred_magnitude, np.hypot(*res.pred_vector.T))
+
+
+# ------------------------------------------------------------- protocols and controls (METHOD §4.6)
+SR_QUICK = dict(backend="operon", n_threads=2, generations=10, population_size=200)
+
+
+@pytest.fixture(scope="module")
+def ds_unlabelled(ds):
+    """The same data with the held-out sequences' 2 labels removed (what partial_steps=0 generates)."""
+    lab = ds.labelled.copy()
+    lab[FULL:] = False
+    return types.SimpleNamespace(**{**vars(ds), "labelled": lab})
+
+
+def test_unlabelled_protocol_holds_out_whole_sequences(ds, ds_unlabelled):
+    from gravprobe.probes.data import split_force_data
+
+    train, held = split_force_data(ds_unlabelled, "unlabelled")
+    assert set(np.unique(held.system)) == set(range(FULL, N_SYS))
+    assert len(held) == (ds.bodies[FULL:] >= 1).sum()                  # every planet step of those sequences
+    assert set(np.unique(train.system)) == set(range(FULL))            # reference: labelled sequences only
+    assert train.labelled.all() and not held.labelled.any()
+    # the two-label split of the same sequences keeps 2 labels each in the reference
+    train2, held2 = split_force_data(ds, "two_label")
+    assert set(np.unique(train2.system)) == set(range(N_SYS)) and len(held2) == len(held) - 2 * (N_SYS - FULL)
+    # each protocol refuses the other's data, naming the key and the fix
+    with pytest.raises(ValueError, match=r"probe.protocol=unlabelled.*force_data.labelling.partial_steps=0"):
+        split_force_data(ds, "unlabelled")
+    with pytest.raises(ValueError, match=r"probe.protocol=two_label.*carry no label.*probe.protocol=unlabelled"):
+        split_force_data(ds_unlabelled, "two_label")
+    with pytest.raises(ValueError, match="probe.protocol='three'"):
+        split_force_data(ds, "three")
+
+
+@pytest.mark.parametrize("protocol", ["two_label", "unlabelled"])
+def test_nearest_state_reference_is_labelled_sequences_only(ds, ds_unlabelled, protocol):
+    data = ds if protocol == "two_label" else ds_unlabelled
+    train, held = split_force_data(data, protocol)
+    order, dist, nearest = select_nearest(train.state, held.state, 500, return_nearest=True)
+    # the nearest reference state of every kept state is a labelled step ...
+    assert data.labelled[train.system[nearest], train.step[nearest]].all()
+    np.testing.assert_allclose(train.state[nearest], data.states[train.system[nearest], train.step[nearest]])
+    # ... at the reported distance (standardised features, scaler fitted on the reference)
+    from gravprobe.probes.data import _scaler, state_features
+    sc = _scaler(train.state)
+    d = np.linalg.norm(sc.transform(state_features(held.state[order])) - sc.transform(state_features(train.state[nearest])),
+                       axis=1)
+    np.testing.assert_allclose(d, dist, rtol=1e-9, atol=1e-12)
+    same = (train.system[nearest] == held.system[order]).mean()
+    if protocol == "unlabelled":
+        assert not np.isin(train.system, held.system).any() and same == 0.0
+    else:  # the issue's measurement: under two labels the nearest training state is in the state's own sequence
+        assert same > 0.9, same
+
+
+def test_memoriser_is_newtonian_under_two_labels(ds, tmp_path):
+    """METHOD §4.6 / issue 14: a sequence's own 2 labels give G·m1·m2, so |F|·r²/r² passes as Newton."""
+    from gravprobe.probes.data import memoriser_predict
+
+    train, held = split_force_data(ds, "two_label")
+    order, _ = select_nearest(train.state, held.state, 1500)
+    pool = held.subset(order)
+    y = memoriser_predict(train, pool)
+    # transcription: mean over the sequence's labelled steps of |F| r², divided by r² of the state
+    i = 5
+    own = train.system == pool.system[i]
+    assert own.sum() == 2
+    np.testing.assert_allclose(y[i], np.mean(train.magnitude[own] * train.r[own] ** 2) / pool.r[i] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(y, G * pool.state[:, 4] * pool.state[:, 5] / pool.r ** 2, rtol=3e-3)
+    galaxies = make_galaxies(len(order), 300, range(5))
+    verdicts, _ = recover_laws(pool.sr_inputs, y, galaxies, list(range(5)), SR_QUICK, out_dir=tmp_path, tag="memoriser")
+    assert all(v["newtonian"] for v in verdicts), [(v["expression"], v["reasons"]) for v in verdicts]
+
+
+def test_memoriser_has_no_labels_under_unlabelled(ds_unlabelled, tmp_path):
+    from gravprobe.probes.data import NoLabelsError, memoriser_predict
+    from gravprobe.probes.pipeline import run_controls
+
+    train, held = split_force_data(ds_unlabelled, "unlabelled")
+    with pytest.raises(NoLabelsError, match="no labels in held-out sequences"):
+        memoriser_predict(train, held)
+    cfg = _compose(["probe.oracle.enabled=false", "probe.controls.oracle_without_m1=false"])
+    sections, series = run_controls(train, held.subset(np.arange(200)), [np.arange(100)], [0], cfg.probe,
+                                    protocol="unlabelled", seed=0, sr_kwargs=SR_QUICK, verdict_kwargs={},
+                                    run_dir=tmp_path, cache_dir=None)
+    assert sections == {"memoriser": {"r_from": "true state", "applicable": False, "galaxies": [],
+                                      "note": "not applicable: no labels in held-out sequences"}}
+    assert series == {} and not list(tmp_path.glob("equations_memoriser*"))
+
+
+def test_oracle_without_m1_never_sees_m1(ds):
+    train, held = split_force_data(ds)
+    query = held.subset(np.arange(0, len(held), 7))
+    a = oracle_predict(train.state, train.magnitude, query.state, k=2, exclude=("log_m_planet",))
+    rng = np.random.default_rng(0)
+    ts, qs = train.state.copy(), query.state.copy()
+    ts[:, 4], qs[:, 4] = rng.permutation(ts[:, 4]), rng.permutation(qs[:, 4])
+    b = oracle_predict(ts, train.magnitude, qs, k=2, exclude=("log_m_planet",))
+    np.testing.assert_array_equal(a, b)
+    with_m1 = oracle_predict(ts, train.magnitude, qs, k=2)  # the full oracle does read the permuted column
+    assert not np.array_equal(with_m1, oracle_predict(train.state, train.magnitude, query.state, k=2))
+    from gravprobe.probes.data import state_features
+    assert state_features(query.state, exclude=("log_m_planet",)).shape == (len(query), 5)
+    with pytest.raises(ValueError, match="unknown state feature"):
+        state_features(query.state, exclude=("m1",))
+
+
+def test_controls_cache_hit_is_identical_and_fits_nothing(ds, tmp_path, monkeypatch, caplog):
+    from gravprobe.probes import pipeline
+
+    train, held = split_force_data(ds)
+    order, _ = select_nearest(train.state, held.state, 600)
+    pool = held.subset(order)
+    y = oracle_predict(train.state, train.magnitude, pool.state, k=2)
+    gals, seeds = make_galaxies(len(order), 200, [0, 1]), [0, 1]
+    cache = tmp_path / "cache"
+    a, _, hit_a = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache,
+                                               out_dir=tmp_path / "r1", tag="oracle")
+    files = list(cache.glob("oracle-*.json"))
+    assert not hit_a and len(files) == 1
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("symbolic regression ran on a cache hit")
+
+    monkeypatch.setattr(pipeline, "fit_equation", no_fit)
+    with caplog.at_level("INFO", logger="gravprobe.probes.pipeline"):
+        b, laws, hit_b = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache,
+                                                      out_dir=tmp_path / "r2", tag="oracle")
+    assert hit_b and "controls cache" in caplog.text
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    for s in seeds:  # the equation tables are written from the cache too
+        assert (tmp_path / "r1" / f"equations_oracle_galaxy{s}.csv").read_text() == \
+               (tmp_path / "r2" / f"equations_oracle_galaxy{s}.csv").read_text()
+    assert np.isfinite(laws[0].predict(pool.sr_inputs[gals[0]])).all()
+    # other inputs (different values, seeds or SR settings) are other keys: they would fit
+    with pytest.raises(AssertionError, match="cache hit"):
+        pipeline.recover_laws_cached(pool.sr_inputs, y * 1.01, gals, seeds, SR_QUICK, cache_dir=cache, tag="oracle")
+    # a corrupt file is ignored and rewritten
+    monkeypatch.undo()
+    files[0].write_text("{not json")
+    c, _, hit_c = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache, tag="oracle")
+    assert not hit_c and "unreadable" in caplog.text
+    assert json.loads(files[0].read_text())["key"]
+    assert [v["expression"] for v in c] == [v["expression"] for v in a]
