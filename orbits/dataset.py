@@ -46,8 +46,15 @@ import numpy as np
 
 from gravprobe.orbits import fused, physics
 from gravprobe.orbits.physics import G
-from gravprobe.orbits.priors import (DEFAULT_PRIORS, SystemParams, check_priors, mass_bounds, merge_priors,
-                                     prior_dist, sample_systems)
+from gravprobe.orbits.priors import (
+    DEFAULT_PRIORS,
+    SystemParams,
+    check_priors,
+    mass_bounds,
+    merge_priors,
+    prior_dist,
+    sample_systems,
+)
 from gravprobe.orbits.tokens import OrbitTokenizer
 
 log = logging.getLogger(__name__)

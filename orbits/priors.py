@@ -11,9 +11,10 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
+
 from gravprobe.orbits import physics
 from gravprobe.orbits.physics import G
-from scipy import stats
 
 # METHOD.md §1.2 (facts: the literature's pretraining distribution)
 DEFAULT_PRIORS: dict = {
@@ -75,7 +76,8 @@ PRIOR_KEYS = {
     "semi_major_axis": {"uniform": {"low", "high"}, "period_uniform": {"low", "high"}},
     "planet_mass": {"gamma": {"shape", "loc", "scale", "clip"}, "fixed": {"value"},
                     "loguniform": {"low", "high"}, "ratio_loguniform": {"low", "high"}},
-    "star_mass": {"lognormal": {"s", "loc", "scale", "clip"}, "fixed": {"value"}, "loguniform": {"low", "high"}},
+    "star_mass": {"lognormal": {"s", "loc", "scale", "clip"}, "fixed": {"value"},
+                  "loguniform": {"low", "high"}},
 }
 
 
@@ -85,10 +87,10 @@ def prior_dist(priors: dict, name: str) -> str:
 
 
 def merge_priors(given: dict | None) -> dict:
-    """:data:`DEFAULT_PRIORS` updated by ``given``: a prior whose ``dist`` differs from the default replaces the
-    default entry (no Beta parameters left beside a uniform range); one with the default ``dist`` (or none) is
-    merged key by key, and an explicit default ``dist`` is dropped (so that specs, and their hashes, do not
-    change by spelling it)."""
+    """:data:`DEFAULT_PRIORS` updated by ``given``: a prior whose ``dist`` differs from the default replaces
+    the default entry (no Beta parameters left beside a uniform range); one with the default ``dist`` (or
+    none) is merged key by key, and an explicit default ``dist`` is dropped (so that specs, and their hashes,
+    do not change by spelling it)."""
     out = json.loads(json.dumps(DEFAULT_PRIORS))
     for k, v in dict(given or {}).items():
         if isinstance(v, dict) and k in DEFAULT_DIST:
@@ -129,7 +131,8 @@ def check_priors(priors: dict) -> None:
             raise ValueError(f"data.priors.{name}.dist={dist!r} is unknown; choose one of {sorted(dists)}")
         keys = set(p) - {"dist"}
         if keys != dists[dist]:
-            raise ValueError(f"data.priors.{name} ({dist}) takes keys {sorted(dists[dist])}, got {sorted(keys)}"
+            raise ValueError(f"data.priors.{name} ({dist}) takes keys {sorted(dists[dist])}, "
+                             f"got {sorted(keys)}"
                              f"{'; drop ' + str(sorted(keys - dists[dist])) if keys - dists[dist] else ''}")
         if dist in ("uniform", "period_uniform", "loguniform", "ratio_loguniform"):
             if name == "eccentricity":

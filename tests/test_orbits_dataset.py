@@ -89,6 +89,19 @@ _ENGINE_CASES = {
                            labelling={"full_systems": 20, "partial_steps": 2}),
     "solar_system": dict(system="solar_system", n_systems=6, seq_len=300, shard_size=4, dt=0.486),
     "short_and_int32_tokens": dict(n_systems=30, seq_len=13, n_bins=40000, shard_size=16),
+    # planet-only sequences around a fixed star (kepler_liu), the unlabelled protocol, a fixed star with
+    # tokens and several planets, and the binary priors
+    "fixed_star_planet_only": dict(n_systems=20, seq_len=101, shard_size=8, planets=(1, 1), star="fixed",
+                                   star_token=False, labelling={"full_systems": 12, "partial_steps": 0},
+                                   priors={"com_sigma": 0.0, "eccentricity": {"dist": "uniform", "low": 0.0,
+                                                                              "high": 0.8}}),
+    "fixed_star_with_tokens": dict(n_systems=12, seq_len=200, shard_size=8, planets=(1, 3), star="fixed"),
+    "binary_priors": dict(n_systems=20, seq_len=121, shard_size=8, planets=(1, 1), n_bins=256,
+                          coord_range=3.2, priors={"planet_mass": {"dist": "ratio_loguniform", "low": 0.02,
+                                                                   "high": 1.0},
+                                                   "star_mass": {"dist": "loguniform", "low": 0.5, "high": 2.0},
+                                                   "semi_major_axis": {"dist": "period_uniform", "low": 1.0,
+                                                                       "high": 2.0}}),
 }
 
 
