@@ -77,6 +77,7 @@ BASELINES = ("copy_previous", "constant_velocity", "constant_acceleration")
 _ORDER = {"copy_previous": 1, "constant_velocity": 2, "constant_acceleration": 3}
 # x_t = sum_m c_m x_{t-m}: the m-th backward difference set to zero
 _COEFFS = {1: (1, 0, 0), 2: (2, -1, 0), 3: (3, -3, 1)}
+_HEAD_ROWS = 4096          # targets per call of the output heads
 UNITS = {"discrete": "nats/coordinate", "continuous": "AU^2/coordinate (MSE)"}
 
 
@@ -277,9 +278,13 @@ def _model_teacher_forced(model, win: _Window, scored: np.ndarray, n_bins: int, 
         x = torch.from_numpy(np.ascontiguousarray(win.inputs[sl, :L - 1])).to(device)
         h = model.encode(x)
         hb = h[torch.from_numpy(b).to(device), torch.from_numpy(t - 1).to(device)]     # [m, C]
-        out = model.orbit_outputs(hb[None])
-        if discrete:
-            true = torch.from_numpy(win.tokens[sl][b, t]).to(device)                    # [m, 2]
+        true_all = win.tokens[sl][b, t]                                                 # [m, 2]
+        for a in range(0, len(hb), _HEAD_ROWS):             # bounded [rows, V + 3] logits (V = 7000: 115 MB)
+            out = model.orbit_outputs(hb[None, a:a + _HEAD_ROWS])
+            if not discrete:
+                preds.append(out[0].float().cpu().double().numpy())
+                continue
+            true = torch.from_numpy(true_all[a:a + _HEAD_ROWS]).to(device)
             cols, arg = [], []
             for c, logits in enumerate(out):
                 lp = torch.log_softmax(logits[0].float(), -1)
@@ -287,8 +292,6 @@ def _model_teacher_forced(model, win: _Window, scored: np.ndarray, n_bins: int, 
                 arg.append(logits[0, :, :n_bins].max(-1).indices)      # max: faster than argmax on CPU
             nll.append(torch.stack(cols, -1).cpu().double().numpy())
             preds.append(_centres(torch.stack(arg, -1).cpu().numpy(), n_bins, coord_range))
-        else:
-            preds.append(out[0].float().cpu().double().numpy())
     empty = np.zeros((0, 2))
     pred = np.concatenate(preds) if preds else empty
     return pred, ((np.concatenate(nll) if nll else empty) if discrete else None)
@@ -407,6 +410,9 @@ def evaluate_dynamics(model, tokens, positions, bodies, *, n_bins: int, coord_ra
     if not discrete and positions is None:
         raise ValueError("a continuous model reads AU positions: pass the dataset's positions array "
                          "(generate the dataset with positions in data.arrays)")
+    if bodies is None:
+        raise ValueError("evaluate_dynamics needs the dataset's bodies array [N, T] (which body each token is); "
+                         "generate the dataset with bodies in data.arrays")
     T = int(tokens.shape[1])
     if tuple(bodies.shape[:2]) != tuple(tokens.shape[:2]):
         raise ValueError(f"bodies {tuple(bodies.shape)} and tokens {tuple(tokens.shape)} differ in [N, T]")

@@ -353,3 +353,17 @@ def test_clear_errors(data):
                           rollout_steps=39, **kw)
     with pytest.raises(ValueError, match="bodies"):
         evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"][:, :-1], n_bins=V, **kw)
+    with pytest.raises(ValueError, match="bodies"):
+        evaluate_dynamics(_gpt(), data["tokens"], data["positions"], None, n_bins=V, **kw)
+
+
+def test_head_chunks_do_not_change_the_numbers(data, monkeypatch):
+    import gravprobe.pretrain.dynamics as dyn
+
+    tr, va = _split(len(data["tokens"]))
+    kw = {"n_bins": V, "coord_range": R, "train_ids": tr, "val_ids": va, "context": 40, "rollout_steps": 2}
+    whole = evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], **kw)
+    monkeypatch.setattr(dyn, "_HEAD_ROWS", 7)
+    chunked = evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], **kw)
+    assert chunked["model"]["loss"] == pytest.approx(whole["model"]["loss"], rel=1e-6)
+    assert chunked["model"]["next_position_error_au"] == whole["model"]["next_position_error_au"]
