@@ -391,10 +391,17 @@ def evaluate_dynamics(model, tokens, positions, bodies, *, n_bins: int, coord_ra
     docstring for the units)::
 
         {"unit", "mode", "n_targets", "n_systems", "context", "truth", "model_prediction",
-         "model": {"loss", "next_position_error_au", "next_position_r2", "rollout_error_au": {"1": ..}},
+         "model": {"loss", "next_position_error_au", "next_position_r2", "rollout_error_au": {"1": ..},
+                   "rollout_mean_error_au"},
          "baselines": {"copy_previous": {...}, "constant_velocity": {...}, "constant_acceleration": {...}},
-         "best_baseline", "beats_best_baseline", "verdict", "rollout": {"context", "steps", "n_systems"},
-         "baseline_fit": {...}}
+         "best_baseline", "beats_best_baseline", "verdict",
+         "rollout": {"context", "steps", "n_systems", "n_targets": {"1": ..}}, "baseline_fit": {...}}
+
+    ``best_baseline`` is the baseline of lowest ``loss``; ``beats_best_baseline`` = model loss below it.
+    ``rollout_steps`` above ``context - 3`` is cut to it. When no target can be scored (contexts too short
+    for three time steps of every body), ``n_targets`` is 0, ``model`` and ``baselines`` are ``None``,
+    ``beats_best_baseline`` is False and ``verdict`` says why (logged as a warning, not raised, so that a
+    training run's last stage does not fail on it).
     """
     cfg = model.cfg
     mode = cfg.orbit_mode
@@ -423,8 +430,11 @@ def evaluate_dynamics(model, tokens, positions, bodies, *, n_bins: int, coord_ra
     if ctx < 4:
         raise ValueError(f"context={context} leaves {ctx} input tokens; scoring needs >= 4 (marker + 3 steps)")
     k = int(rollout_steps)
-    if not 0 <= k <= ctx - 3:
-        raise ValueError(f"rollout_steps={rollout_steps} must be in [0, {ctx - 3}] for a context of {ctx}")
+    if k < 0:
+        raise ValueError(f"rollout_steps={rollout_steps} must be >= 0")
+    if k > ctx - 3:
+        log.info("dynamics: rollout_steps %d cut to %d (a context of %d tokens keeps >= 4 given)", k, ctx - 3, ctx)
+        k = ctx - 3
     L = ctx + 1
     device = torch.device(device)
     val = _subset(val_ids, n_val)
@@ -440,8 +450,12 @@ def evaluate_dynamics(model, tokens, positions, bodies, *, n_bins: int, coord_ra
     truth = win.truth[b, t]                                             # [M, 2] AU
     n_targets = len(b)
     if n_targets == 0:
-        raise ValueError(f"no validation token has three previous same-body positions within {L} tokens; "
-                         "raise context")
+        why = (f"No validation token has three previous positions of its body within the first {L} tokens, so "
+               "the dynamics cannot be judged (raise the context or use fewer bodies per system).")
+        log.warning("dynamics: %s", why)
+        return {"unit": UNITS[mode], "mode": mode, "n_targets": 0, "n_systems": len(val), "context": ctx,
+                "model": None, "baselines": None, "best_baseline": None, "beats_best_baseline": False,
+                "verdict": why}
 
     # ---- baselines at the scored targets
     baselines: dict[str, dict] = {}

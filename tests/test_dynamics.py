@@ -350,7 +350,7 @@ def test_clear_errors(data):
         evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], n_bins=V + 1, **kw)
     with pytest.raises(ValueError, match="rollout_steps"):
         evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], n_bins=V,
-                          rollout_steps=39, **kw)
+                          rollout_steps=-1, **kw)
     with pytest.raises(ValueError, match="bodies"):
         evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"][:, :-1], n_bins=V, **kw)
     with pytest.raises(ValueError, match="bodies"):
@@ -367,3 +367,18 @@ def test_head_chunks_do_not_change_the_numbers(data, monkeypatch):
     chunked = evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], **kw)
     assert chunked["model"]["loss"] == pytest.approx(whole["model"]["loss"], rel=1e-6)
     assert chunked["model"]["next_position_error_au"] == whole["model"]["next_position_error_au"]
+
+
+def test_short_context_cuts_the_rollout_and_no_targets_is_a_verdict(data):
+    tr, va = _split(len(data["tokens"]))
+    kw = {"n_bins": V, "coord_range": R, "train_ids": tr, "val_ids": va}
+    res = evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], context=12,
+                            rollout_steps=20, **kw)
+    assert res["rollout"]["steps"] == 9 and res["rollout"]["context"] == 4
+    # 5 tokens: marker + 4 body tokens never hold three earlier steps of a body with its star
+    two = data["n_bodies"][va] >= 2
+    res = evaluate_dynamics(_gpt(), data["tokens"], data["positions"], data["bodies"], context=4,
+                            **{**kw, "val_ids": va[two]})
+    assert res["n_targets"] == 0 and res["model"] is None and not res["beats_best_baseline"]
+    assert "cannot be judged" in res["verdict"]
+    json.dumps(res, allow_nan=False)
