@@ -414,3 +414,15 @@ def test_controls_cache_hit_is_identical_and_fits_nothing(ds, tmp_path, monkeypa
     assert not hit_c and "unreadable" in caplog.text
     assert json.loads(files[0].read_text())["key"]
     assert [v["expression"] for v in c] == [v["expression"] for v in a]
+
+
+def test_generated_unlabelled_force_data_matches_the_protocol(ds):
+    """force_data.labelling.partial_steps=0 (gravprobe.orbits) gives the unlabelled protocol's data."""
+    spec = DatasetSpec.from_config({**force_spec().to_dict(), "labelling": {"full_systems": FULL, "partial_steps": 0}})
+    raw = types.SimpleNamespace(**generate_arrays(spec, seed=0))
+    assert not raw.labelled[FULL:].any() and raw.labelled[:FULL][raw.bodies[:FULL] >= 1].all()
+    train, held = split_force_data(raw, "unlabelled")
+    assert set(np.unique(held.system)) == set(range(FULL, N_SYS)) and len(held) == (raw.bodies[FULL:] >= 1).sum()
+    assert set(np.unique(train.system)) == set(range(FULL))
+    with pytest.raises(ValueError, match="partial_steps=0"):
+        split_force_data(raw, "two_label")
