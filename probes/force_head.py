@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
 from gravprobe.probes.linear import model_inputs
 
 log = logging.getLogger(__name__)
@@ -45,12 +44,19 @@ def _torch():
     return torch
 
 
-def build_head(model, protocol: str):
+def build_head(model, protocol: str, *, seed: int | None = None):
+    """The regression head ``C → 1`` (magnitude) or ``C → 2`` (vector): weights N(0, 0.02²), bias 0.
+
+    With ``seed`` the weights come from a private ``torch.Generator`` seeded with it, so the head is the
+    same whatever was drawn from torch's global RNG before the call; without, from the global RNG."""
     torch = _torch()
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown probe.head.protocol {protocol!r}; choose one of {PROTOCOLS}")
-    head = torch.nn.Linear(model.d_model, 1 if protocol == "magnitude" else 2)
-    torch.nn.init.normal_(head.weight, std=0.02)
+    with torch.random.fork_rng(devices=[]):      # nn.Linear's own default init must not move the global RNG
+        head = torch.nn.Linear(model.d_model, 1 if protocol == "magnitude" else 2)
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
     torch.nn.init.zeros_(head.bias)
     return head
 
@@ -64,10 +70,13 @@ def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.
     from tqdm.auto import tqdm
 
     protocol = str(cfg.get("protocol", "magnitude"))
-    head = build_head(model, protocol).to(device)
+    # every random draw of the fine-tuning follows from ``seed``, seeded before anything is drawn: the head's
+    # weights (private generator), the batch order (private generator) and the global RNG that dropout and
+    # context noise use -- so the same checkpoint and config give the same predictions in any process
+    torch.manual_seed(int(seed))
+    head = build_head(model, protocol, seed=seed).to(device)
     model.to(device)
     gen = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))
 
     train_systems = np.asarray(train_systems)
     lab = np.asarray(ds.labelled[train_systems], dtype=bool) & (np.asarray(ds.bodies[train_systems]) >= 1)

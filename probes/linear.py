@@ -4,21 +4,29 @@ At every layer ``l = 0 … L`` (0 = embeddings, ``l`` = after block ``l``; ``mod
 activation ``[C]`` at each planet step is regressed on physical targets of that step's true state; R² is
 measured on *held-out systems* (a split by sequence, so a probe cannot memorise an orbit).
 
-Targets (units): ``F_x, F_y`` and ``F_mag`` (M☉ AU yr⁻²), ``log_F_mag`` (log of |F|, because |F|
-spans five decades and a raw-|F| R² is decided by its largest values), ``r`` (AU), ``inv_r`` (AU⁻¹),
-``inv_r2`` (AU⁻²), ``a`` (AU), ``e``, ``lrl_x, lrl_y`` (Laplace–Runge–Lenz vector / μ, dimensionless).
+Ridge penalty: one per target, chosen by cross-validation *grouped by sequence* (``GroupKFold``: no orbit in
+two folds) on the training sequences, over a log-spaced grid (default 1e-4 … 1e8); a choice at the grid's
+edge is flagged and logged. A held-out R² below ``decodable_min_r2`` (default 0.05; every negative R²) is
+reported as *not decodable* — the number is kept beside the flag.
+
+Targets (units): ``F_x, F_y`` and ``F_mag`` (M☉ AU yr⁻²), ``log_F_mag`` (ln |F|), ``r`` (AU), ``log_r``
+(ln r), ``inv_r`` (AU⁻¹), ``inv_r2`` (AU⁻²), ``a`` (AU), ``e``, ``lrl_x, lrl_y`` (Laplace–Runge–Lenz
+vector / μ, dimensionless), ``log_m1`` / ``log_m2`` (ln of the planet / star mass in M☉). |F|, r, 1/r and
+1/r² span decades; a raw R² of them is decided by their largest values, so the log versions are probed
+beside the raw ones.
 """
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from gravprobe.orbits import G, elements_from_state
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "r", "inv_r", "inv_r2", "a", "e", "lrl_x", "lrl_y")
+TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "r", "log_r", "inv_r", "inv_r2", "a", "e", "lrl_x", "lrl_y",
+           "log_m1", "log_m2")
 
 
 def probe_targets(state: np.ndarray, force: np.ndarray, names: Sequence[str] = TARGETS) -> np.ndarray:
@@ -31,9 +39,11 @@ def probe_targets(state: np.ndarray, force: np.ndarray, names: Sequence[str] = T
     r = np.hypot(state[:, 0], state[:, 1])
     fm = np.hypot(force[:, 0], force[:, 1])
     el = elements_from_state(state[:, 0:2], state[:, 2:4], G * (state[:, 4] + state[:, 5]))
-    cols = {"F_x": force[:, 0], "F_y": force[:, 1], "F_mag": fm, "log_F_mag": np.log(fm), "r": r,
-            "inv_r": 1 / r, "inv_r2": 1 / r**2, "a": el.a, "e": el.e, "lrl_x": el.lrl[:, 0],
-            "lrl_y": el.lrl[:, 1]}
+    with np.errstate(divide="ignore", invalid="ignore"):   # a zero force/mass gives -inf: the row is dropped
+        cols = {"F_x": force[:, 0], "F_y": force[:, 1], "F_mag": fm, "log_F_mag": np.log(fm), "r": r,
+                "log_r": np.log(r), "inv_r": 1 / r, "inv_r2": 1 / r**2, "a": el.a, "e": el.e,
+                "lrl_x": el.lrl[:, 0], "lrl_y": el.lrl[:, 1], "log_m1": np.log(state[:, 4]),
+                "log_m2": np.log(state[:, 5])}
     return np.column_stack([cols[n] for n in names])
 
 
@@ -77,71 +87,189 @@ def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, 
 
 
 def r2_scores(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Column-wise R² ``[K]`` of ``[M, K]`` arrays."""
+    """Column-wise R² ``[K]`` of ``[M, K]`` arrays (the held-out rows' own mean is the baseline, so a probe
+    that predicts the training mean scores ≤ 0)."""
     ss_res = ((y_true - y_pred) ** 2).sum(0)
     ss_tot = ((y_true - y_true.mean(0)) ** 2).sum(0)
     return 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, np.nan)
 
 
-def fit_probes(acts: dict[int, np.ndarray], targets: np.ndarray, is_train: np.ndarray, names: Sequence[str], *,
-               alphas: Sequence[float] = (1e-3, 1e-2, 1e-1, 1, 10, 100, 1e3, 1e4), mlp: dict | None = None,
-               seed: int = 0) -> list[dict]:
-    """Ridge (RidgeCV, one alpha per target) and optionally an MLP probe per layer.
+# ------------------------------------------------------------------------------------------ ridge
+DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 8, 25))
+DECODABLE_MIN_R2 = 0.05
 
-    ``acts {layer: [M, C]}``, ``targets [M, K]``, ``is_train [M]`` bool (the rest is held out). Activations
-    and targets are standardised on the training rows. Returns rows ``{probe, layer, target, r2}``.
+
+def ridge_alpha_grid(spec=None) -> np.ndarray:
+    """The ridge penalty grid from ``probe.linear.ridge_alphas``: a list of penalties, or a mapping
+    ``{min, max, num}`` (log-spaced, inclusive). ``None`` → :data:`DEFAULT_ALPHAS` (1e-4 … 1e8, 25 values).
+    Penalties are in units of the standardised activations (sum of squares over training rows)."""
+    if spec is None:
+        return np.asarray(DEFAULT_ALPHAS)
+    if hasattr(spec, "keys"):
+        unknown = sorted(set(spec.keys()) - {"min", "max", "num"})
+        if unknown:
+            raise ValueError(f"probe.linear.ridge_alphas has unknown key(s) {unknown}; use {{min, max, num}} "
+                             "or a list of penalties")
+        lo, hi, num = float(spec.get("min", 1e-4)), float(spec.get("max", 1e8)), int(spec.get("num", 25))
+        if not 0 < lo < hi or num < 2:
+            raise ValueError(f"probe.linear.ridge_alphas={dict(spec)} needs 0 < min < max and num >= 2")
+        return np.logspace(np.log10(lo), np.log10(hi), num)
+    grid = np.sort(np.asarray(list(spec), dtype=np.float64))
+    if grid.size < 2 or not (grid > 0).all():
+        raise ValueError(f"probe.linear.ridge_alphas={list(spec)} must hold at least two positive penalties")
+    return grid
+
+
+def _ridge_path(Xtr: np.ndarray, Ytr: np.ndarray, Xte: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Ridge predictions at every penalty: ``[A, M_te, K]``. Centres on the training rows (unpenalised
+    intercept) and solves all penalties from one eigendecomposition of the ``[C, C]`` Gram matrix."""
+    mx, my = Xtr.mean(0), Ytr.mean(0)
+    Xc, Yc = Xtr - mx, Ytr - my
+    lam, V = np.linalg.eigh(Xc.T @ Xc)
+    lam = np.clip(lam, 0.0, None)
+    B = V.T @ (Xc.T @ Yc)                                   # [C, K]
+    P = (Xte - mx) @ V                                      # [M_te, C]
+    return np.stack([P @ (B / (lam + a)[:, None]) for a in alphas]) + my
+
+
+def grouped_cv_alphas(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: np.ndarray, n_splits: int = 5
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Choose one ridge penalty per target by ``GroupKFold`` cross-validation (a group = one sequence, so no
+    orbit is in two folds). ``X [M, C]``, ``Y [M, K]``, ``groups [M]``. Returns ``(index into alphas [K],
+    cross-validated mean squared error [A, K])``. Ties go to the larger penalty."""
+    from sklearn.model_selection import GroupKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise ValueError(f"grouped cross-validation needs at least 2 training sequences, got {n_groups}; "
+                         "raise probe.linear.n_systems")
+    folds = GroupKFold(n_splits=min(int(n_splits), n_groups))
+    sse = np.zeros((len(alphas), Y.shape[1]))
+    for tr, te in folds.split(X, Y, groups):
+        sse += ((_ridge_path(X[tr], Y[tr], X[te], alphas) - Y[te]) ** 2).sum(1)
+    mse = sse / len(X)
+    best = len(alphas) - 1 - np.argmin(mse[::-1], axis=0)   # last minimum = largest penalty on ties
+    return best, mse
+
+
+def ridge_probe(X: np.ndarray, Y: np.ndarray, is_train: np.ndarray, groups: np.ndarray, *,
+                alphas=None, n_splits: int = 5) -> dict[str, np.ndarray]:
+    """One ridge probe per target column, penalty by grouped CV on the training rows, scored on the rest.
+
+    ``X [M, C]`` and ``Y [M, K]`` (already standardised or not: both are standardised here on the training
+    rows), ``is_train [M]`` bool, ``groups [M]`` sequence ids. Returns ``r2 [K]`` (held-out R²),
+    ``alpha [K]``, ``alpha_edge [K]`` (``"lower"``/``"upper"`` when the chosen penalty is the grid's first or
+    last value, else ``""``) and ``pred [M_te, K]`` (held-out predictions in the units of ``Y``).
     """
-    from sklearn.linear_model import RidgeCV
+    alphas = ridge_alpha_grid(alphas) if not isinstance(alphas, np.ndarray) else alphas
+    is_train = np.asarray(is_train, dtype=bool)
+    if is_train.all() or not is_train.any():
+        raise ValueError("probes need both training and held-out rows (check probe.linear.heldout_fraction)")
+    X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
+    mx, sx = X[is_train].mean(0), X[is_train].std(0)
+    my, sy = Y[is_train].mean(0), Y[is_train].std(0)
+    Xs = (X - mx) / np.where(sx > 0, sx, 1.0)
+    Ys = (Y - my) / np.where(sy > 0, sy, 1.0)
+    best, _ = grouped_cv_alphas(Xs[is_train], Ys[is_train], np.asarray(groups)[is_train], alphas, n_splits)
+    path = _ridge_path(Xs[is_train], Ys[is_train], Xs[~is_train], alphas)     # [A, M_te, K]
+    pred_s = path[best, :, np.arange(Y.shape[1])].T                           # [M_te, K]
+    edge = np.where(best == 0, "lower", np.where(best == len(alphas) - 1, "upper", ""))
+    return {"r2": r2_scores(Ys[~is_train], pred_s), "alpha": alphas[best], "alpha_edge": edge,
+            "pred": pred_s * np.where(sy > 0, sy, 1.0) + my}
+
+
+def _log_edges(rows: list[dict], what: str) -> None:
+    edges = [f"{r['target']}@{r['layer']}({r['alpha_edge']})" for r in rows if r.get("alpha_edge")]
+    if edges:
+        log.warning("%s: ridge penalty at the edge of the grid for %d probe(s): %s (lower: the target is fitted "
+                    "with almost no penalty; upper: the probe predicts about the mean)", what, len(edges),
+                    ", ".join(edges[:12]) + (" ..." if len(edges) > 12 else ""))
+
+
+def fit_probes(acts: dict, targets: np.ndarray, is_train: np.ndarray, names: Sequence[str], *,
+               groups: np.ndarray | None = None, alphas=None, cv_folds: int = 5, mlp: dict | None = None,
+               decodable_min_r2: float = DECODABLE_MIN_R2, seed: int = 0) -> list[dict]:
+    """Ridge (penalty per target by grouped CV) and optionally an MLP probe per layer.
+
+    ``acts {layer: [M, C]}``, ``targets [M, K]``, ``is_train [M]`` bool (the rest is held out),
+    ``groups [M]`` the sequence of each row (``None``: every row its own group — only for data without
+    sequences). Rows with a non-finite target are dropped. Returns one row per (probe, layer, target):
+    ``{probe, layer, target, r2, decodable, alpha, alpha_edge}`` where ``decodable = r2 >= decodable_min_r2``
+    (held-out R² below it — in particular any negative R² — means "not decodable"); ``alpha``/``alpha_edge``
+    are ``None``/``""`` for the MLP.
+    """
     from sklearn.neural_network import MLPRegressor
     from sklearn.preprocessing import StandardScaler
 
     is_train = np.asarray(is_train, dtype=bool)
     if is_train.all() or not is_train.any():
         raise ValueError("probes need both training and held-out rows (check probe.linear.heldout_fraction)")
+    groups = np.arange(len(is_train)) if groups is None else np.asarray(groups)
     ok = np.isfinite(targets).all(1)
-    ysc = StandardScaler().fit(targets[is_train & ok])
-    Y = ysc.transform(np.where(ok[:, None], targets, 0.0))
+    tr, te = is_train & ok, ~is_train & ok
+    grid = ridge_alpha_grid(alphas) if not isinstance(alphas, np.ndarray) else alphas
+
+    def row(probe, layer, name, r2, alpha=None, edge=""):
+        r2 = float(r2)
+        return {"probe": probe, "layer": int(layer), "target": name, "r2": r2,
+                "decodable": bool(np.isfinite(r2) and r2 >= decodable_min_r2),
+                "alpha": None if alpha is None else float(alpha), "alpha_edge": str(edge)}
+
     rows = []
     for layer, A in sorted(acts.items()):
-        xsc = StandardScaler().fit(A[is_train & ok])
-        Xs = xsc.transform(A)
-        tr, te = is_train & ok, ~is_train & ok
-        ridge = RidgeCV(alphas=list(alphas), alpha_per_target=True).fit(Xs[tr], Y[tr])
-        for name, r2 in zip(names, r2_scores(Y[te], ridge.predict(Xs[te]))):
-            rows.append({"probe": "ridge", "layer": int(layer), "target": name, "r2": float(r2)})
+        A = np.asarray(A, np.float64)[ok]
+        res = ridge_probe(A, targets[ok], tr[ok], groups[ok], alphas=grid, n_splits=cv_folds)
+        rows += [row("ridge", layer, n, r2, a, e) for n, r2, a, e in zip(names, res["r2"], res["alpha"],
+                                                                         res["alpha_edge"])]
         if mlp and mlp.get("enabled", True):
+            xsc, ysc = StandardScaler().fit(A[tr[ok]]), StandardScaler().fit(targets[tr])
+            Xs, Y = xsc.transform(A), ysc.transform(targets[ok])
             net = MLPRegressor(hidden_layer_sizes=(int(mlp.get("hidden", 64)),), max_iter=int(mlp.get("max_iter", 200)),
-                               early_stopping=True, random_state=seed).fit(Xs[tr], Y[tr])
-            for name, r2 in zip(names, r2_scores(Y[te], net.predict(Xs[te]))):
-                rows.append({"probe": "mlp", "layer": int(layer), "target": name, "r2": float(r2)})
+                               early_stopping=True, random_state=seed).fit(Xs[tr[ok]], Y[tr[ok]])
+            rows += [row("mlp", layer, n, r2) for n, r2 in zip(names, r2_scores(Y[te[ok]], net.predict(Xs[te[ok]])))]
     return rows
+
+
+def probe_rows_of(ds, systems: np.ndarray, max_steps_per_system: int | None) -> np.ndarray:
+    """Planet-step mask ``[len(systems), T]`` with at most ``max_steps_per_system`` evenly spaced planet
+    steps per sequence (``None``/0 = all)."""
+    mask = np.asarray(ds.bodies[systems]) >= 1
+    if max_steps_per_system:
+        kmax = int(max_steps_per_system)
+        for i in range(len(systems)):
+            idx = np.nonzero(mask[i])[0]
+            if len(idx) > kmax:
+                keep = idx[np.linspace(0, len(idx) - 1, kmax).round().astype(int)]
+                mask[i] = False
+                mask[i, keep] = True
+    return mask
+
+
+def split_systems(n_total: int, n: int, heldout_fraction: float, rng: np.random.Generator, what: str = "linear"
+                  ) -> tuple[np.ndarray, set]:
+    """Draw ``n`` of ``n_total`` sequences (sorted) and the held-out subset (``heldout_fraction`` of them)."""
+    systems = np.sort(rng.choice(n_total, n, replace=False))
+    n_held = max(1, round(float(heldout_fraction) * n))
+    if n_held >= n:
+        raise ValueError(f"probe.{what}.n_systems={n} with heldout_fraction={heldout_fraction} leaves no "
+                         "training sequences; raise n_systems")
+    return systems, set(rng.choice(systems, n_held, replace=False).tolist())
 
 
 def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: str = "cpu") -> list[dict]:
     """§4.1 end to end on ``ds`` (an orbit dataset with states and forces) with the ``probe.linear`` node.
 
-    Uses ``n_systems`` sequences (the first ones), splits them by sequence into train/held-out
-    (``heldout_fraction``), keeps at most ``max_steps_per_system`` planet steps per sequence (evenly
-    spaced), and returns the rows of :func:`fit_probes`.
+    Draws ``n_systems`` sequences with ``numpy.random.default_rng(seed)``, splits them by sequence into
+    train/held-out (``heldout_fraction``), keeps at most ``max_steps_per_system`` planet steps per sequence
+    (evenly spaced), chooses each ridge penalty from ``ridge_alphas`` by ``cv_folds``-fold CV grouped by
+    sequence on the training sequences, and returns the rows of :func:`fit_probes`. The same seed gives the
+    same sequences and split for any model (the untrained control relies on it).
     """
     names = list(cfg.get("targets", TARGETS))
     n = min(int(cfg.get("n_systems", 400)), ds.states.shape[0])
     rng = np.random.default_rng(seed)
-    systems = np.sort(rng.choice(ds.states.shape[0], n, replace=False))
-    bodies = np.asarray(ds.bodies[systems])
-    mask = bodies >= 1
-    kmax = cfg.get("max_steps_per_system")
-    if kmax:
-        for i in range(len(systems)):
-            idx = np.nonzero(mask[i])[0]
-            if len(idx) > kmax:
-                keep = idx[np.linspace(0, len(idx) - 1, int(kmax)).round().astype(int)]
-                mask[i] = False
-                mask[i, keep] = True
-    n_held = max(1, int(round(float(cfg.get("heldout_fraction", 0.2)) * n)))
-    if n_held >= n:
-        raise ValueError(f"probe.linear.n_systems={n} leaves no training sequences; raise it")
-    held_sys = set(rng.choice(systems, n_held, replace=False).tolist())
+    systems, held_sys = split_systems(ds.states.shape[0], n, float(cfg.get("heldout_fraction", 0.2)), rng)
+    mask = probe_rows_of(ds, systems, cfg.get("max_steps_per_system"))
     layers = None if layers in (None, "all") else [int(l) for l in layers]
     acts = capture_activations(model, ds, systems, mask, layers=layers, batch_size=int(cfg.get("batch_size", 8)),
                                device=device)
@@ -151,8 +279,50 @@ def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: st
     targets = probe_targets(states, forces, names)
     is_train = np.array([s not in held_sys for s in systems[si]])
     mlp = dict(cfg.get("mlp", {}) or {})
-    rows = fit_probes(acts, targets, is_train, names, alphas=list(cfg.get("ridge_alphas", (1e-3, 1e-1, 10, 1e3))),
-                      mlp=mlp, seed=seed)
+    rows = fit_probes(acts, targets, is_train, names, groups=systems[si], alphas=cfg.get("ridge_alphas"),
+                      cv_folds=int(cfg.get("cv_folds", 5)), mlp=mlp, seed=seed,
+                      decodable_min_r2=float(cfg.get("decodable_min_r2", DECODABLE_MIN_R2)))
+    _log_edges([r for r in rows if r["probe"] == "ridge"], "linear probes")
     log.info("linear probes: %d layers x %d targets on %d steps (%d held out)", len(acts), len(names), len(si),
              int((~is_train).sum()))
     return rows
+
+
+def compare_to_control(trained: dict, untrained: dict, margin: float) -> dict:
+    """``{target: {key: r2}}`` of a trained model and its untrained control → per target and key
+    ``{"r2", "untrained_r2", "beats_untrained"}`` with ``beats_untrained = r2 > untrained_r2 + margin``."""
+    out: dict = {}
+    for t, per in trained.items():
+        for k, r2 in per.items():
+            u = (untrained.get(t) or {}).get(k)
+            out.setdefault(t, {})[k] = {"r2": r2, "untrained_r2": u,
+                                        "beats_untrained": None if u is None else bool(r2 > u + margin)}
+    return out
+
+
+def linear_report(rows: list[dict], untrained_rows: list[dict] | None, cfg) -> dict:
+    """The extra information of the ridge probes for ``results.json["probes"]["linear_probe"]`` (the R²
+    table itself stays in ``probes.linear``): the grid, folds and thresholds, and per target and layer the
+    penalty, the edge flag, decodability and the untrained control; per target the best layer."""
+    grid = ridge_alpha_grid(cfg.get("ridge_alphas"))
+    margin = float(cfg.get("untrained_margin", 0.05))
+    ridge = [r for r in rows if r["probe"] == "ridge"]
+    u_by = {(r["target"], r["layer"]): r["r2"] for r in (untrained_rows or []) if r["probe"] == "ridge"}
+    targets: dict = {}
+    for r in ridge:
+        u = u_by.get((r["target"], r["layer"]))
+        targets.setdefault(r["target"], {"layers": {}})["layers"][str(r["layer"])] = {
+            "r2": r["r2"], "decodable": r["decodable"], "alpha": r["alpha"], "alpha_edge": r["alpha_edge"] or None,
+            "untrained_r2": u, "beats_untrained": None if u is None else bool(r["r2"] > u + margin)}
+    for d in targets.values():
+        best = max(d["layers"], key=lambda k: d["layers"][k]["r2"] if np.isfinite(d["layers"][k]["r2"]) else -np.inf)
+        b = d["layers"][best]
+        ub = [v["untrained_r2"] for v in d["layers"].values() if v["untrained_r2"] is not None]
+        d.update(best_layer=best, r2=b["r2"], decodable=b["decodable"],
+                 untrained_best_r2=max(ub) if ub else None,
+                 beats_untrained=None if not ub else bool(b["r2"] > max(ub) + margin))
+    return {"alphas": [float(a) for a in grid], "cv": "GroupKFold by sequence", "cv_folds": int(cfg.get("cv_folds", 5)),
+            "decodable_min_r2": float(cfg.get("decodable_min_r2", DECODABLE_MIN_R2)), "untrained_margin": margin,
+            "alpha_at_edge": sorted(f"{r['target']}@{r['layer']}:{r['alpha_edge']}" for r in ridge if r["alpha_edge"]),
+            "not_decodable": sorted(t for t, d in targets.items() if not d["decodable"]),
+            "targets": targets}
