@@ -37,7 +37,7 @@ import sympy as sp
 
 from gravprobe.common import atomic_write_json
 from gravprobe.probes.data import (FEATURES, SR_NAMES, PlanetSteps, make_galaxies, memoriser_predict, noisy_truth,
-                                   oracle_predict, select_nearest, split_force_data)
+                                   oracle_predict, select_nearest, sequence_label_counts, split_force_data)
 from gravprobe.probes.symbolic import EquationTable, SRResult, evaluate, fit_equation
 from gravprobe.probes.verdict import compare_to_newton
 
@@ -464,9 +464,10 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
         partial = np.unique(held.system)
         max_train = _get(head_cfg, "max_train_systems")
         train_systems = np.arange(n)
-        if max_train:
+        if max_train:  # held-out sequences are always kept (queried); unlabelled ones hold no training label
             rng = np.random.default_rng(seed)
-            train_systems = np.union1d(rng.choice(n, min(int(max_train), n), replace=False), partial)
+            cand = np.arange(n) if protocol == "two_label" else np.setdiff1d(np.arange(n), partial)
+            train_systems = np.union1d(rng.choice(cand, min(int(max_train), len(cand)), replace=False), partial)
         qmask = (np.asarray(ds.bodies[partial]) >= 1) & ~np.asarray(ds.labelled[partial], dtype=bool)
         res = finetune_force_head(model, ds, train_systems, partial, qmask, head_cfg, seed=seed, device=device)
         if len(res.pred_magnitude) != len(held):  # pragma: no cover - ordering contract
@@ -476,7 +477,9 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
         _write_csv([{"step": i, "loss": l} for i, l in enumerate(res.losses)], run_dir / "force_head_loss.csv")
         ok = y_head > 0
         rel = np.abs(np.log(y_head[ok]) - np.log(pool.magnitude[ok]))
+        n_lab, _ = sequence_label_counts(ds)
         out["head"] = {"protocol": res.protocol, "steps": len(res.losses),
+                       "n_train_sequences_with_labels": int((n_lab[train_systems] > 0).sum()),
                        "loss": {"first": res.losses[0] if res.losses else None,
                                 "last": float(np.mean(res.losses[-20:])) if res.losses else None},
                        "median_abs_log_error": float(np.median(rel)) if ok.any() else None}

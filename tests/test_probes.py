@@ -244,6 +244,7 @@ def test_run_probes_unlabelled_protocol(ds_unlabelled, ds, tmp_path):
     assert out["counts"] is True and "unlabelled" in out["counts_reason"] and out["counts_rule"]
     assert out["requested"] == ["head", "oracle", "memoriser"] and set(out["requested"]) <= set(out["done"])
     assert len(out["galaxies"]) == 2
+    assert out["head"]["n_train_sequences_with_labels"] == 60    # probe.head.max_train_systems, all labelled
     with pytest.raises(ValueError, match="partial_steps=0"):  # the literature's data under the unlabelled protocol
         run_probes(tiny_model(), ds, cfg, tmp_path / "run2")
 
