@@ -2,7 +2,8 @@
 attention mass on the last W keys, each beside the same measurement on an untrained network.
 
 **Rows.** One row per sequence: the activation at the sequence's *last planet step* (the last position
-with ``bodies >= 1``), target = that step's true state (:func:`gravprobe.probes.linear.probe_targets`).
+with ``bodies >= 1`` within the model's context: ``block_size`` tokens for learned positions; the input
+stops there, which changes nothing for a causal model), target = that step's true state (:func:`gravprobe.probes.linear.probe_targets`).
 Sequences are split into training and held-out ones; the ridge penalty is chosen per target by
 cross-validation grouped by sequence on the training rows (:func:`gravprobe.probes.linear.ridge_probe`), and
 R² is measured on the held-out sequences.
@@ -67,6 +68,11 @@ def last_planet_steps(bodies: np.ndarray) -> np.ndarray:
     return np.where(planet.any(1), last, -1)
 
 
+def context_limit(model) -> int | None:
+    """The longest input the model takes: ``block_size`` for learned positions, ``None`` (any) for RoPE."""
+    return int(model.cfg.block_size) if getattr(model, "pos_emb", None) is not None else None
+
+
 def untrained_twin(model, seed: int, device: str = "cpu"):
     """The same architecture at its random initialisation: ``GPT(model.cfg)`` after
     ``torch.manual_seed(seed)``, built inside ``torch.random.fork_rng`` so the caller's RNG is untouched."""
@@ -108,7 +114,8 @@ def capture_sites(model, ds, systems: np.ndarray, steps: np.ndarray, *, batch_si
         with torch.no_grad():
             for b in range(0, len(systems), batch_size):
                 sl = slice(b, b + batch_size)
-                x = model_inputs(model, ds, systems[sl]).to(device)
+                # causal: positions after the read step change nothing, so the input stops there
+                x = model_inputs(model, ds, systems[sl])[:, : int(steps[sl].max()) + 1].to(device)
                 got.clear()
                 model.hidden_states(x)
                 rows = torch.arange(x.shape[0], device=device)
@@ -133,7 +140,8 @@ def attention_mass(model, ds, systems: np.ndarray, windows: Sequence[int] = DEFA
     import torch
 
     systems = np.asarray(systems)
-    bodies = np.asarray(ds.bodies[systems])
+    limit = context_limit(model)
+    bodies = np.asarray(ds.bodies[systems])[:, :limit]       # a learned-position model reads its context only
     T = bodies.shape[1]
     windows = sorted({int(w) for w in windows})
     if any(w < 1 for w in windows):
@@ -172,7 +180,7 @@ def attention_mass(model, ds, systems: np.ndarray, windows: Sequence[int] = DEFA
                 if not bool(qm.any()):
                     continue
                 inputs.clear()
-                model.hidden_states(model_inputs(model, ds, systems[sl]).to(device))
+                model.hidden_states(model_inputs(model, ds, systems[sl])[:, :T].to(device))
                 cnt = int(qm.sum())
                 for li, blk in enumerate(blocks):
                     a = blk.attn.attention_weights(inputs[li]).double()              # [B, H, T, T]
@@ -255,7 +263,8 @@ def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
     margin = float(cfg.get("untrained_margin", 0.05))
     bs = int(cfg.get("batch_size", 64))
 
-    last_all = last_planet_steps(ds.bodies)
+    # the last planet step inside the model's context (a learned-position model reads block_size tokens)
+    last_all = last_planet_steps(np.asarray(ds.bodies)[:, :context_limit(model)])
     usable = np.nonzero(last_all >= 0)[0]
     n = min(int(cfg.get("n_systems", 1000)), len(usable))
     rng = np.random.default_rng(seed)

@@ -34,11 +34,11 @@ def ds():
     return d
 
 
-def tiny(seed=0, variant="lssar", mode="discrete", heads=2, position="rope"):
+def tiny(seed=0, variant="lssar", mode="discrete", heads=2, position="rope", block=T):
     from gravprobe.pretrain.model import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layers=2, n_heads=heads, d_model=16, block_size=T, orbit_vocab=7003, orbit_mode=mode,
+    return GPT(GPTConfig(n_layers=2, n_heads=heads, d_model=16, block_size=block, orbit_vocab=7003, orbit_mode=mode,
                          position=position, attention={"name": variant, "params": {}, "backend": "torch"})).eval()
 
 
@@ -168,3 +168,17 @@ def test_linear_section_with_untrained_control(ds, tmp_path):
     assert {r["model"] for r in rows} == {"trained", "untrained"} and len(rows) == 2 * 3 * 3
     assert (tmp_path / "probes_linear.png").exists()
     json.dumps(sec, allow_nan=False)
+
+
+def test_learned_positions_read_inside_their_context(ds):
+    """A learned-position model with a context shorter than the sequences: the readouts read the last planet
+    step inside the context, and the attention mass uses the context only (no SequenceTooLongError)."""
+    model = tiny(seed=1, mode="continuous", position="learned", block=24)
+    cfg = {"n_systems": 40, "cv_folds": 2, "untrained_control": False, "ridge_alphas": [1e-2, 1.0, 1e2],
+           "attention": {"windows": [1, 30], "n_systems": 4}}
+    out = run_readouts(model, ds, cfg, seed=0)
+    assert "untrained" not in out and out["newton"].get("beats_untrained") is None
+    assert out["attention_mass"]["windows"] == [1]                       # 30 >= the 24-token context
+    steps = last_planet_steps(ds.bodies[:, :24])
+    assert steps.max() == 23 or (ds.bodies[:, 23] < 1).all()
+    assert (steps < 24).all() and (steps >= 20).all()
