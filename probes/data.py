@@ -123,7 +123,8 @@ def split_force_data(ds, protocol: str = "two_label") -> tuple[PlanetSteps, Plan
     config key and the fix when the dataset does not fit the protocol (e.g. ``unlabelled`` asked for on a
     dataset whose held-out sequences keep labels, or the other way round)."""
     if protocol not in PROTOCOLS:
-        raise ValueError(f"probe.protocol={protocol!r} is not a protocol; choose one of {', '.join(PROTOCOLS)}")
+        raise ValueError(f"probe.protocol={protocol!r} is not a protocol; choose one of "
+                         f"{', '.join(PROTOCOLS)}")
     n_lab, n_planet = sequence_label_counts(ds)
     if n_lab.sum() == 0:
         raise ValueError("the force dataset has no labelled steps; generate it with data=two_body_force "
@@ -133,14 +134,14 @@ def split_force_data(ds, protocol: str = "two_label") -> tuple[PlanetSteps, Plan
     if protocol == "two_label":
         if len(bare):
             raise ValueError(
-                f"probe.protocol=two_label holds out the unlabelled steps of partially labelled sequences, but "
-                f"{len(bare)} sequences of the force dataset carry no label at all (made with {_FIX_UNLABELLED}); "
-                "use probe.protocol=unlabelled with this dataset, or generate the force data with "
-                "force_data.labelling.partial_steps=2 (the literature's)")
+                "probe.protocol=two_label holds out the unlabelled steps of partially labelled sequences, "
+                f"but {len(bare)} sequences of the force dataset carry no label at all (made with "
+                f"{_FIX_UNLABELLED}); use probe.protocol=unlabelled with this dataset, or generate the force "
+                "data with force_data.labelling.partial_steps=2 (the literature's)")
         if len(partial) == 0:
             raise ValueError("the force dataset has no partially labelled sequences, so no held-out steps; "
-                             "two_body_force labels only 2 steps of each of its last sequences — check its spec "
-                             "(force_data.labelling.full_systems must be below force_data.n_systems)")
+                             "two_body_force labels only 2 steps of each of its last sequences — check its "
+                             "spec (force_data.labelling.full_systems must be below force_data.n_systems)")
         held_systems = partial
     else:
         if len(partial):
@@ -149,8 +150,8 @@ def split_force_data(ds, protocol: str = "two_label") -> tuple[PlanetSteps, Plan
                 "sequences of the force dataset are partially labelled; generate the force data with "
                 f"{_FIX_UNLABELLED} (or use probe.protocol=two_label, the literature's protocol)")
         if len(bare) == 0:
-            raise ValueError("probe.protocol=unlabelled: the force dataset has no sequence without labels, so no "
-                             f"held-out steps; generate it with {_FIX_UNLABELLED} and "
+            raise ValueError("probe.protocol=unlabelled: the force dataset has no sequence without labels, "
+                             f"so no held-out steps; generate it with {_FIX_UNLABELLED} and "
                              "force_data.labelling.full_systems below force_data.n_systems")
         held_systems = bare
     train = planet_steps(ds, labelled=True)
@@ -167,7 +168,8 @@ def state_features(state: np.ndarray, exclude: Sequence[str] = ()) -> np.ndarray
     unscaled, without the columns named in ``exclude``."""
     unknown = set(exclude) - set(FEATURES)
     if unknown:
-        raise ValueError(f"unknown state feature(s) {sorted(unknown)}; the features are {', '.join(FEATURES)}")
+        raise ValueError(f"unknown state feature(s) {sorted(unknown)}; the features are "
+                         f"{', '.join(FEATURES)}")
     state = np.asarray(state, dtype=np.float64)
     cols = {"x": state[:, 0], "y": state[:, 1], "vx": state[:, 2], "vy": state[:, 3]}
     if "log_m_planet" not in exclude:
@@ -257,8 +259,8 @@ def memoriser_predict(train: PlanetSteps, query: PlanetSteps) -> np.ndarray:
     found = (pos < len(uniq)) & (uniq[pos_c] == query.system) if len(uniq) else np.zeros(len(query), bool)
     if not found.all():
         missing = np.unique(query.system[~found])
-        raise NoLabelsError(f"not applicable: no labels in held-out sequences ({len(missing)} held-out sequences "
-                            "carry no labelled step for the memoriser to use)")
+        raise NoLabelsError(f"not applicable: no labels in held-out sequences ({len(missing)} held-out "
+                            "sequences carry no labelled step for the memoriser to use)")
     return per_seq[pos_c] / query.r ** 2
 
 

@@ -8,11 +8,7 @@
   "selection": {...}, "sr": {...}}`` (DESIGN.md "Runs and files"). ``requested`` lists the parts
   ``cfg.probe`` asked for, ``done`` those whose results are written (:func:`requested_parts`,
   :func:`parts_done`): the stage is complete when ``set(requested) <= set(done)``;
-- ``results.json["probes"]`` also holds ``linear_probe`` (penalties, edge flags, decodability, the untrained
-  control per target and layer), ``untrained`` (the probes of the untrained network) and ``readouts``
-  (Liu's last-position readouts, :mod:`gravprobe.probes.readouts`) — docs/results_schema.md;
-- ``probes_linear.csv`` (model, probe, layer, target, r2, decodable, alpha, alpha_edge) and
-  ``probes_linear.png`` (R² per layer, trained and untrained);
+- ``probes_linear.csv`` (probe, layer, target, r2) and ``probes_linear.png`` (R² per layer);
 - ``equations_<source>_galaxy<seed>.csv`` — the full Pareto front per galaxy, for ``source`` in
   ``head`` (the fine-tuned model), ``oracle`` (2-NN), ``truth`` (true |F| with 1 % noise),
   ``oracle_no_m1`` (2-NN without log m_planet) and ``memoriser`` (the sequence's own labels);
@@ -40,8 +36,9 @@ import numpy as np
 import sympy as sp
 
 from gravprobe.common import atomic_write_json
-from gravprobe.probes.data import (FEATURES, SR_NAMES, PlanetSteps, make_galaxies, memoriser_predict, noisy_truth,
-                                   oracle_predict, select_nearest, split_force_data)
+from gravprobe.probes.data import (FEATURES, PROTOCOLS, SR_NAMES, PlanetSteps, make_galaxies,
+                                   memoriser_predict, noisy_truth, oracle_predict, select_nearest,
+                                   sequence_label_counts, split_force_data)
 from gravprobe.probes.symbolic import EquationTable, SRResult, evaluate, fit_equation
 from gravprobe.probes.verdict import compare_to_newton
 
@@ -110,6 +107,8 @@ def recover_laws(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], s
 #: Bump when the cached content or the way the controls are computed changes (invalidates old files).
 CONTROLS_CACHE_VERSION = 1
 
+NOT_APPLICABLE = "not applicable: no labels in held-out sequences"
+
 #: The rule behind ``results.json["probes"]["counts"]`` (METHOD §4.6).
 COUNTS_RULE = ("a model result counts only where it beats the memoriser's protocol: under two_label, the "
                "fine-tuned model's laws must be Newtonian in more galaxies than the label memoriser's (which "
@@ -143,8 +142,9 @@ def controls_cache_key(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarr
     ``y [P]``, the galaxies (indices into the pool) and their seeds, the SR settings and the verdict
     thresholds. ``X``/``y``/galaxies are themselves functions of the force dataset, the protocol, the
     selection settings and the seed, so the key covers those without naming them, and cannot go stale."""
-    payload = {"version": CONTROLS_CACHE_VERSION, "data": _digest(np.asarray(X, np.float64), np.asarray(y, np.float64),
-                                                                    *[np.asarray(g, np.int64) for g in galaxies]),
+    data = _digest(np.asarray(X, np.float64), np.asarray(y, np.float64),
+                   *[np.asarray(g, np.int64) for g in galaxies])
+    payload = {"version": CONTROLS_CACHE_VERSION, "data": data,
                "seeds": [int(s) for s in seeds], "sr": sr_kwargs, "verdict": verdict_kwargs or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -166,13 +166,16 @@ def _read_cache(path: Path, key: str, n: int) -> dict | None:
 
 def recover_laws_cached(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
                         sr_kwargs: dict, *, cache_dir: str | Path | None, out_dir: str | Path | None = None,
-                        tag: str = "oracle", verdict_kwargs: dict | None = None) -> tuple[list[dict], list, bool]:
-    """:func:`recover_laws` for a model-independent control, through the cache ``cache_dir/<tag>-<key>.json``
+                        tag: str = "oracle", verdict_kwargs: dict | None = None
+                        ) -> tuple[list[dict], list, bool]:
+    """:func:`recover_laws` for a model-independent control, through the cache
+    ``cache_dir/<tag>-<key>.json``
     (:func:`controls_cache_key`; ``cache_dir=None`` disables it). Returns ``(verdicts, laws, cached)``;
     on a hit nothing is fitted, the equation tables are rewritten into ``out_dir`` from the cache and the
     ``laws`` are :class:`CachedLaw`. A corrupt file is logged, ignored and rewritten."""
     if cache_dir is None:
-        v, fits = recover_laws(X, y, galaxies, seeds, sr_kwargs, out_dir=out_dir, tag=tag, verdict_kwargs=verdict_kwargs)
+        v, fits = recover_laws(X, y, galaxies, seeds, sr_kwargs, out_dir=out_dir, tag=tag,
+                               verdict_kwargs=verdict_kwargs)
         return v, fits, False
     key = controls_cache_key(X, y, galaxies, seeds, sr_kwargs, verdict_kwargs)
     path = Path(cache_dir) / f"{tag}-{key[:24]}.json"
@@ -184,7 +187,8 @@ def recover_laws_cached(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndar
         verdicts = [dict(v) for v in hit["verdicts"]]
         if out_dir is not None:
             for v, rows in zip(verdicts, hit["tables"]):
-                v["table"] = EquationTable(rows).to_csv(Path(out_dir) / f"equations_{tag}_galaxy{v['seed']}.csv").name
+                csv_path = Path(out_dir) / f"equations_{tag}_galaxy{v['seed']}.csv"
+                v["table"] = EquationTable(rows).to_csv(csv_path).name
         return verdicts, laws, True
     verdicts, fits = recover_laws(X, y, galaxies, seeds, sr_kwargs, out_dir=out_dir, tag=tag,
                                   verdict_kwargs=verdict_kwargs)
@@ -196,6 +200,28 @@ def recover_laws_cached(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndar
     except OSError as e:
         log.warning("could not write the controls cache %s (%s); continuing without it", path, e)
     return verdicts, fits, False
+
+
+def protocol_problems(cfg) -> list[str]:
+    """``probe.protocol`` checked against ``force_data.labelling`` from the config alone, so that
+    ``gravprobe run`` can refuse a mismatch before any training (:func:`split_force_data` checks the data
+    itself at the probe stage). Returns one sentence per problem, naming the keys and the fix."""
+    protocol = str(_get(_get(cfg, "probe"), "protocol", "two_label"))
+    if protocol not in PROTOCOLS:
+        return [f"probe.protocol={protocol!r} is not a protocol; choose one of {', '.join(PROTOCOLS)}"]
+    lab = _get(_get(cfg, "force_data"), "labelling")
+    if lab is None:
+        return []
+    ps = _get(lab, "partial_steps", 2)
+    if protocol == "unlabelled" and int(ps) != 0:
+        return [(f"probe.protocol=unlabelled needs held-out sequences without any label, but "
+                 f"force_data.labelling.partial_steps={ps}; set force_data.labelling.partial_steps=0 "
+                 "(or use probe.protocol=two_label, the literature's protocol)")]
+    if protocol == "two_label" and int(ps) == 0:
+        return [("probe.protocol=two_label holds out the unlabelled steps of partially labelled sequences, "
+                 "but force_data.labelling.partial_steps=0 leaves them without labels; set "
+                 "probe.protocol=unlabelled or force_data.labelling.partial_steps=2 (the literature's)")]
+    return []
 
 
 def requested_parts(pc) -> list[str]:
@@ -241,8 +267,8 @@ def result_counts(protocol: str, model_galaxies: list[dict], memoriser: dict | N
         return False, "no model galaxies (probe.head disabled or not run)"
     n_model = sum(bool(g["newtonian"]) for g in model_galaxies)
     if protocol == "unlabelled":
-        return True, (f"unlabelled protocol: the memoriser cannot run; the model is Newtonian in {n_model} of "
-                      f"{len(model_galaxies)} galaxies")
+        return True, (f"unlabelled protocol: the memoriser cannot run; the model is Newtonian in {n_model} "
+                      f"of {len(model_galaxies)} galaxies")
     if not memoriser or not memoriser.get("galaxies"):
         return False, ("two_label protocol without the memoriser control (probe.controls.memoriser=false): "
                        "the result cannot be told from memorisation")
@@ -263,31 +289,36 @@ def run_controls(train: PlanetSteps, pool: PlanetSteps, galaxies: Sequence[np.nd
     k = int(_get(orc, "k", 2))
     X = pool.sr_inputs
     jobs: list[tuple[str, str, dict, Any]] = []  # (section, file tag, extra fields, y or None)
+
+    def oracle(exclude=()):
+        return lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k, exclude=exclude)
+
     if orc is None or _get(orc, "enabled", True):
-        jobs.append(("oracle", "oracle", {"k": k}, lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k)))
+        jobs.append(("oracle", "oracle", {"k": k}, oracle()))
         noise = float(_get(orc, "truth_noise", 0.01))
         if noise >= 0 and _get(orc, "truth_control", True):
-            jobs.append(("truth", "truth", {"noise": noise}, lambda: noisy_truth(pool.magnitude, noise, seed)))
+            jobs.append(("truth", "truth", {"noise": noise},
+                         lambda: noisy_truth(pool.magnitude, noise, seed)))
     if _get(ctl, "oracle_without_m1", True):
         feats = [f for f in FEATURES if f != "log_m_planet"]
         jobs.append(("oracle_without_m1", "oracle_no_m1", {"k": k, "features": feats},
-                     lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k, exclude=("log_m_planet",))))
+                     oracle(("log_m_planet",))))
     if _get(ctl, "memoriser", True):
         extra = {"r_from": "true state", "applicable": protocol != "unlabelled"}
         jobs.append(("memoriser", "memoriser", extra,
                      None if protocol == "unlabelled" else (lambda: memoriser_predict(train, pool))))
-    titles = {"oracle": f"{k}-NN oracle", "truth": "true |F| with noise", "oracle_without_m1": f"{k}-NN oracle without m1",
-              "memoriser": "label memoriser"}
+    titles = {"oracle": f"{k}-NN oracle", "truth": "true |F| with noise",
+              "oracle_without_m1": f"{k}-NN oracle without m1", "memoriser": "label memoriser"}
     sections: dict[str, dict] = {}
     series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, tag, extra, make_y in jobs:
         if make_y is None:
-            sections[name] = {**extra, "note": "not applicable: no labels in held-out sequences", "galaxies": []}
-            log.info("%s: not applicable under the %s protocol (no labels in held-out sequences)", name, protocol)
+            sections[name] = {**extra, "note": NOT_APPLICABLE, "galaxies": []}
+            log.info("%s: %s (%s protocol)", name, NOT_APPLICABLE, protocol)
             continue
         y = make_y()
-        v, laws, cached = recover_laws_cached(X, y, galaxies, seeds, sr_kwargs, cache_dir=cache_dir, out_dir=run_dir,
-                                              tag=tag, verdict_kwargs=verdict_kwargs)
+        v, laws, cached = recover_laws_cached(X, y, galaxies, seeds, sr_kwargs, cache_dir=cache_dir,
+                                              out_dir=run_dir, tag=tag, verdict_kwargs=verdict_kwargs)
         sections[name] = {**extra, "cached": cached, "galaxies": v}
         series[titles[name]] = (pool.magnitude, y)
         plot_laws(X, y, galaxies, laws, v, titles[name], run_dir / f"equations_{tag}.png")
@@ -295,49 +326,21 @@ def run_controls(train: PlanetSteps, pool: PlanetSteps, galaxies: Sequence[np.nd
 
 
 # ------------------------------------------------------------------------------------------- plots
-def plot_linear(rows: list[dict], path: Path, *, untrained: list[dict] | None = None, floor: float = -0.5,
-                decodable_min_r2: float | None = None) -> None:
-    """Held-out R² per layer, one panel per probe kind (and one for the untrained control's ridge probes).
-
-    Every target is drawn (distinct colour *and* line style); R² below ``floor`` is not clipped silently: the
-    point sits on the floor as a downward triangle with its value written beside it."""
+def plot_linear(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    panels = [(p, f"{p} probes", [r for r in rows if r["probe"] == p]) for p in sorted({r["probe"] for r in rows})]
-    if untrained:
-        panels.append(("ridge", "ridge probes, untrained network", [r for r in untrained if r["probe"] == "ridge"]))
-    targets = list(dict.fromkeys(r["target"] for r in rows))
-    cmap = plt.get_cmap("tab20" if len(targets) > 10 else "tab10")
-    styles = ["-", "--", "-.", ":"]
-    markers = ["o", "s", "^", "D", "P", "X"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
-    for ax, (_, title, prows) in zip(axes[0], panels):
-        for i, t in enumerate(targets):
-            pts = sorted((r["layer"], r["r2"]) for r in prows if r["target"] == t)
-            if not pts:
-                continue
-            x = np.array([a for a, _ in pts], dtype=float)
-            y = np.array([b for _, b in pts], dtype=float)
-            style = {"color": cmap(i % cmap.N), "ls": styles[i % len(styles)], "lw": 1.3}
-            ax.plot(x, np.maximum(y, floor), marker=markers[i % len(markers)], ms=4, label=t, **style)
-            low = y < floor
-            if low.any():
-                ax.plot(x[low], np.full(low.sum(), floor), "v", ms=8, color=style["color"])
-                for xi, yi in zip(x[low], y[low]):
-                    ax.annotate(f"{t} {yi:.3g}", (xi, floor), xytext=(3, 4 + 7 * (i % 4)), textcoords="offset points",
-                                fontsize=6, color=style["color"])
-        ax.axhline(0.0, color="k", lw=0.6)
-        if decodable_min_r2 is not None:
-            ax.axhline(decodable_min_r2, color="k", lw=0.6, ls=":")
-        ax.set(xlabel="layer (0 = embeddings, i = after block i)", ylabel=f"held-out R² (values < {floor} marked ▼)",
-               title=title, ylim=(floor - 0.05, 1.02))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    probes = sorted({r["probe"] for r in rows})
+    fig, axes = plt.subplots(1, len(probes), figsize=(6 * len(probes), 4), squeeze=False)
+    for ax, p in zip(axes[0], probes):
+        for t in sorted({r["target"] for r in rows}):
+            pts = sorted((r["layer"], r["r2"]) for r in rows if r["probe"] == p and r["target"] == t)
+            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=t)
+        ax.set(xlabel="layer (0 = embeddings)", ylabel="held-out R²", title=f"{p} probes", ylim=(-0.1, 1.02))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -436,40 +439,11 @@ def load_model(cfg, run_dir: Path, device: str):
     return model.to(device), meta, ckpt
 
 
-def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: str = "cpu") -> dict:
-    """§4.1 probes of ``model`` and (``probe.linear.untrained_control``) of its untrained twin on the same
-    sequences and split; writes ``probes_linear.csv`` (column ``model``: trained | untrained) and
-    ``probes_linear.png``; returns the ``results.json["probes"]`` keys ``linear``, ``mlp``, ``linear_probe``
-    and ``untrained`` (docs/results_schema.md)."""
-    from gravprobe.probes.linear import linear_report, run_linear_probes
-    from gravprobe.probes.readouts import untrained_twin
-
-    rows = run_linear_probes(model, ds, lin, layers=layers, seed=seed, device=device)
-    rows_u: list[dict] = []
-    if _get(lin, "untrained_control", True):
-        rows_u = run_linear_probes(untrained_twin(model, seed, device), ds, lin, layers=layers, seed=seed, device=device)
-    _write_csv([{"model": "trained", **r} for r in rows] + [{"model": "untrained", **r} for r in rows_u],
-               run_dir / "probes_linear.csv")
-    plot_linear(rows, run_dir / "probes_linear.png", untrained=rows_u,
-                decodable_min_r2=float(_get(lin, "decodable_min_r2", 0.05)))
-    sec: dict[str, Any] = {"linear": _nested(rows, "ridge"), "linear_probe": linear_report(rows, rows_u, lin)}
-    if any(r["probe"] == "mlp" for r in rows):
-        sec["mlp"] = _nested(rows, "mlp")
-    if rows_u:
-        sec["untrained"] = {"seed": seed, "linear": _nested(rows_u, "ridge")}
-        if any(r["probe"] == "mlp" for r in rows_u):
-            sec["untrained"]["mlp"] = _nested(rows_u, "mlp")
-    nd = sec["linear_probe"]["not_decodable"]
-    if nd:
-        log.info("linear probes: not decodable at any layer (best held-out R² < %s): %s",
-                 sec["linear_probe"]["decodable_min_r2"], ", ".join(nd))
-    return sec
-
-
 def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     """Everything after loading: linear probes, head, the controls, laws and verdicts (module docstring)."""
     from gravprobe.common import update_results
     from gravprobe.probes.force_head import finetune_force_head
+    from gravprobe.probes.linear import run_linear_probes
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -484,15 +458,14 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     # §4.1 linear probes (on a copy of the pretrained weights: the head fine-tunes the trunk afterwards)
     lin = _get(pc, "linear")
     if lin is not None and _get(lin, "enabled", True):
-        out.update(linear_section(model, ds, lin, _get(pc, "layers", "all"), run_dir, seed=seed, device=device))
+        rows = run_linear_probes(model, ds, lin, layers=_get(pc, "layers", "all"), seed=seed, device=device)
+        _write_csv(rows, run_dir / "probes_linear.csv")
+        plot_linear(rows, run_dir / "probes_linear.png")
+        out["linear"] = _nested(rows, "ridge")
+        if any(r["probe"] == "mlp" for r in rows):
+            out["mlp"] = _nested(rows, "mlp")
     else:
         out["linear"] = {}
-    # Liu's last-position readouts per hook site (with their untrained control), before the head fine-tunes
-    rd = _get(pc, "readouts")
-    if rd is not None and _get(rd, "enabled", True):
-        from gravprobe.probes.readouts import run_readouts
-
-        out["readouts"] = run_readouts(model, ds, _plain(rd), seed=seed, device=device)
 
     # §4.3 selection: reference = training states = labelled steps (only sequences that carry labels);
     # pool = the held-out steps nearest to them
@@ -507,13 +480,15 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     X = pool.sr_inputs
     same_seq = train.system[nearest] == pool.system  # nearest training state in the state's own sequence
     out["selection"] = {"protocol": protocol, "reference": "labelled planet steps",
-                        "n_training_states": len(train), "n_reference_sequences": len(np.unique(train.system)),
+                        "n_training_states": len(train),
+                        "n_reference_sequences": len(np.unique(train.system)),
                         "n_heldout_states": len(held), "n_heldout_sequences": len(np.unique(held.system)),
-                        "n_pool": len(order), "galaxy_size": size, "seeds": seeds, "max_distance": float(dist.max()),
+                        "n_pool": len(order), "galaxy_size": size, "seeds": seeds,
+                        "max_distance": float(dist.max()),
                         "same_sequence_fraction": float(same_seq.mean()),
                         "same_sequence_fraction_galaxies": [float(same_seq[g].mean()) for g in galaxies]}
-    log.info("selection (%s protocol): %.1f %% of the %d selected states have their nearest training state in "
-             "their own sequence", protocol, 100 * same_seq.mean(), len(order))
+    log.info("selection (%s protocol): %.1f %% of the %d selected states have their nearest training state "
+             "in their own sequence", protocol, 100 * same_seq.mean(), len(order))
     sr_kwargs = sr_settings(cfg.sr, workers)
     verdict_kwargs = _plain(_get(pc, "verdict")) or {}
     out["sr"] = {k: v for k, v in sr_kwargs.items()}
@@ -526,9 +501,11 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
         partial = np.unique(held.system)
         max_train = _get(head_cfg, "max_train_systems")
         train_systems = np.arange(n)
-        if max_train:
+        if max_train:  # held-out sequences are always kept (queried); unlabelled ones hold no training label
             rng = np.random.default_rng(seed)
-            train_systems = np.union1d(rng.choice(n, min(int(max_train), n), replace=False), partial)
+            cand = np.arange(n) if protocol == "two_label" else np.setdiff1d(np.arange(n), partial)
+            picked = rng.choice(cand, min(int(max_train), len(cand)), replace=False)
+            train_systems = np.union1d(picked, partial)
         qmask = (np.asarray(ds.bodies[partial]) >= 1) & ~np.asarray(ds.labelled[partial], dtype=bool)
         res = finetune_force_head(model, ds, train_systems, partial, qmask, head_cfg, seed=seed, device=device)
         if len(res.pred_magnitude) != len(held):  # pragma: no cover - ordering contract
@@ -538,7 +515,9 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
         _write_csv([{"step": i, "loss": l} for i, l in enumerate(res.losses)], run_dir / "force_head_loss.csv")
         ok = y_head > 0
         rel = np.abs(np.log(y_head[ok]) - np.log(pool.magnitude[ok]))
+        n_lab, _ = sequence_label_counts(ds)
         out["head"] = {"protocol": res.protocol, "steps": len(res.losses),
+                       "n_train_sequences_with_labels": int((n_lab[train_systems] > 0).sum()),
                        "loss": {"first": res.losses[0] if res.losses else None,
                                 "last": float(np.mean(res.losses[-20:])) if res.losses else None},
                        "median_abs_log_error": float(np.median(rel)) if ok.any() else None}
@@ -556,8 +535,8 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     ctl = _get(pc, "controls")
     cache_dir = _get(ctl, "cache_dir")
     sections, control_series = run_controls(train, pool, galaxies, seeds, pc, protocol=protocol, seed=seed,
-                                            sr_kwargs=sr_kwargs, verdict_kwargs=verdict_kwargs, run_dir=run_dir,
-                                            cache_dir=cache_dir)
+                                            sr_kwargs=sr_kwargs, verdict_kwargs=verdict_kwargs,
+                                            run_dir=run_dir, cache_dir=cache_dir)
     out.update(sections)
     series.update(control_series)
     counts, reason = result_counts(protocol, out.get("galaxies") or [], out.get("memoriser"))

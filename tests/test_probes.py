@@ -220,42 +220,49 @@ def test_missing_checkpoint_message(tmp_path):
 
 
 def test_run_probes_without_head_still_reports_controls(ds, tmp_path):
-    cfg = _compose(SMALL + ["probe.head.enabled=false", "probe.linear.enabled=false", "probe.oracle.truth_control=false",
-                            "probe.controls.cache_dir=null", "++probe.readouts.enabled=false"])
+    cfg = _compose(SMALL + ["probe.head.enabled=false", "probe.linear.enabled=false",
+                            "probe.oracle.truth_control=false", "probe.controls.cache_dir=null",
+                            "++probe.readouts.enabled=false"])
     out = run_probes(tiny_model(), ds, cfg, tmp_path)
     assert out["galaxies"] == [] and len(out["oracle"]["galaxies"]) == 2 and "truth" not in out
     assert out["protocol"] == "two_label" and out["selection"]["same_sequence_fraction"] > 0.9
     assert len(out["memoriser"]["galaxies"]) == 2 and out["memoriser"]["applicable"]
-    assert len(out["oracle_without_m1"]["galaxies"]) == 2 and "log_m_planet" not in out["oracle_without_m1"]["features"]
+    no_m1 = out["oracle_without_m1"]
+    assert len(no_m1["galaxies"]) == 2 and "log_m_planet" not in no_m1["features"]
     assert out["requested"] == ["oracle", "memoriser", "oracle_without_m1"]
     assert set(out["requested"]) <= set(out["done"]) and out["counts"] is False
     for tag in ("oracle", "oracle_no_m1", "memoriser"):
-        assert (tmp_path / f"equations_{tag}_galaxy1.csv").exists() and (tmp_path / f"equations_{tag}.png").exists()
+        assert (tmp_path / f"equations_{tag}_galaxy1.csv").exists()
+        assert (tmp_path / f"equations_{tag}.png").exists()
     assert json.loads((tmp_path / "results.json").read_text())["probes"]["done"] == out["done"]
 
 
 def test_run_probes_unlabelled_protocol(ds_unlabelled, ds, tmp_path):
-    over = SMALL + ["probe.linear.enabled=false", "++probe.readouts.enabled=false", "probe.head.steps=3", "probe.oracle.truth_control=false",
-                    "probe.controls.oracle_without_m1=false", f"probe.controls.cache_dir={tmp_path / 'cache'}"]
+    over = SMALL + ["probe.linear.enabled=false", "++probe.readouts.enabled=false", "probe.head.steps=3",
+                    "probe.oracle.truth_control=false", "probe.controls.oracle_without_m1=false",
+                    f"probe.controls.cache_dir={tmp_path / 'cache'}"]
     cfg = _compose(over + ["probe.protocol=unlabelled"])
     out = run_probes(tiny_model(), ds_unlabelled, cfg, tmp_path / "run")
-    assert out["selection"]["same_sequence_fraction"] == 0.0 and out["selection"]["n_heldout_sequences"] == N_SYS - FULL
+    assert out["selection"]["same_sequence_fraction"] == 0.0
+    assert out["selection"]["n_heldout_sequences"] == N_SYS - FULL
     assert out["memoriser"]["applicable"] is False and out["memoriser"]["galaxies"] == []
     assert out["counts"] is True and "unlabelled" in out["counts_reason"] and out["counts_rule"]
     assert out["requested"] == ["head", "oracle", "memoriser"] and set(out["requested"]) <= set(out["done"])
     assert len(out["galaxies"]) == 2
     assert out["head"]["n_train_sequences_with_labels"] == 60    # probe.head.max_train_systems, all labelled
-    with pytest.raises(ValueError, match="partial_steps=0"):  # the literature's data under the unlabelled protocol
+    with pytest.raises(ValueError, match="partial_steps=0"):  # literature's data, unlabelled protocol
         run_probes(tiny_model(), ds, cfg, tmp_path / "run2")
 
 
 def test_result_counts_rule():
     from gravprobe.probes.pipeline import result_counts
 
-    g = lambda *flags: [{"newtonian": f} for f in flags]  # noqa: E731
+    def g(*flags):
+        return [{"newtonian": bool(f)} for f in flags]
+
     assert result_counts("two_label", g(1, 1, 1), {"galaxies": g(1, 1, 0)})[0] is True
-    assert result_counts("two_label", g(1, 1, 1), {"galaxies": g(1, 1, 1)})[0] is False    # memoriser does as well
-    assert result_counts("two_label", g(1, 1, 1), None)[0] is False                       # no memoriser, no claim
+    assert result_counts("two_label", g(1, 1, 1), {"galaxies": g(1, 1, 1)})[0] is False  # memoriser as good
+    assert result_counts("two_label", g(1, 1, 1), None)[0] is False  # no memoriser, no claim
     assert result_counts("unlabelled", g(0, 0, 0), {"applicable": False, "galaxies": []})[0] is True
     assert result_counts("unlabelled", [], None)[0] is False
 
@@ -274,7 +281,7 @@ def test_force_head_vector_protocol(ds):
 
 
 # ------------------------------------------------------------- protocols and controls (METHOD §4.6)
-SR_QUICK = dict(backend="operon", n_threads=2, generations=10, population_size=200)
+SR_QUICK = {"backend": "operon", "n_threads": 2, "generations": 10, "population_size": 200}
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +306,7 @@ def test_unlabelled_protocol_holds_out_whole_sequences(ds, ds_unlabelled):
     # each protocol refuses the other's data, naming the key and the fix
     with pytest.raises(ValueError, match=r"probe.protocol=unlabelled.*force_data.labelling.partial_steps=0"):
         split_force_data(ds, "unlabelled")
-    with pytest.raises(ValueError, match=r"probe.protocol=two_label.*carry no label.*probe.protocol=unlabelled"):
+    with pytest.raises(ValueError, match=r"protocol=two_label.*carry no label.*probe.protocol=unlabelled"):
         split_force_data(ds_unlabelled, "two_label")
     with pytest.raises(ValueError, match="probe.protocol='three'"):
         split_force_data(ds, "three")
@@ -316,13 +323,13 @@ def test_nearest_state_reference_is_labelled_sequences_only(ds, ds_unlabelled, p
     # ... at the reported distance (standardised features, scaler fitted on the reference)
     from gravprobe.probes.data import _scaler, state_features
     sc = _scaler(train.state)
-    d = np.linalg.norm(sc.transform(state_features(held.state[order])) - sc.transform(state_features(train.state[nearest])),
-                       axis=1)
+    a, b = sc.transform(state_features(held.state[order])), sc.transform(state_features(train.state[nearest]))
+    d = np.linalg.norm(a - b, axis=1)
     np.testing.assert_allclose(d, dist, rtol=1e-9, atol=1e-12)
     same = (train.system[nearest] == held.system[order]).mean()
     if protocol == "unlabelled":
         assert not np.isin(train.system, held.system).any() and same == 0.0
-    else:  # the issue's measurement: under two labels the nearest training state is in the state's own sequence
+    else:  # the issue's measurement: with two labels the nearest training state is in the state's sequence
         assert same > 0.9, same
 
 
@@ -338,10 +345,12 @@ def test_memoriser_is_newtonian_under_two_labels(ds, tmp_path):
     i = 5
     own = train.system == pool.system[i]
     assert own.sum() == 2
-    np.testing.assert_allclose(y[i], np.mean(train.magnitude[own] * train.r[own] ** 2) / pool.r[i] ** 2, rtol=1e-12)
+    expected = np.mean(train.magnitude[own] * train.r[own] ** 2) / pool.r[i] ** 2
+    np.testing.assert_allclose(y[i], expected, rtol=1e-12)
     np.testing.assert_allclose(y, G * pool.state[:, 4] * pool.state[:, 5] / pool.r ** 2, rtol=3e-3)
     galaxies = make_galaxies(len(order), 300, range(5))
-    verdicts, _ = recover_laws(pool.sr_inputs, y, galaxies, list(range(5)), SR_QUICK, out_dir=tmp_path, tag="memoriser")
+    verdicts, _ = recover_laws(pool.sr_inputs, y, galaxies, list(range(5)), SR_QUICK, out_dir=tmp_path,
+                               tag="memoriser")
     assert all(v["newtonian"] for v in verdicts), [(v["expression"], v["reasons"]) for v in verdicts]
 
 
@@ -397,8 +406,8 @@ def test_controls_cache_hit_is_identical_and_fits_nothing(ds, tmp_path, monkeypa
 
     monkeypatch.setattr(pipeline, "fit_equation", no_fit)
     with caplog.at_level("INFO", logger="gravprobe.probes.pipeline"):
-        b, laws, hit_b = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache,
-                                                      out_dir=tmp_path / "r2", tag="oracle")
+        b, laws, hit_b = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK,
+                                                      cache_dir=cache, out_dir=tmp_path / "r2", tag="oracle")
     assert hit_b and "controls cache" in caplog.text
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
     for s in seeds:  # the equation tables are written from the cache too
@@ -407,11 +416,13 @@ def test_controls_cache_hit_is_identical_and_fits_nothing(ds, tmp_path, monkeypa
     assert np.isfinite(laws[0].predict(pool.sr_inputs[gals[0]])).all()
     # other inputs (different values, seeds or SR settings) are other keys: they would fit
     with pytest.raises(AssertionError, match="cache hit"):
-        pipeline.recover_laws_cached(pool.sr_inputs, y * 1.01, gals, seeds, SR_QUICK, cache_dir=cache, tag="oracle")
+        pipeline.recover_laws_cached(pool.sr_inputs, y * 1.01, gals, seeds, SR_QUICK, cache_dir=cache,
+                                     tag="oracle")
     # a corrupt file is ignored and rewritten
     monkeypatch.undo()
     files[0].write_text("{not json")
-    c, _, hit_c = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache, tag="oracle")
+    c, _, hit_c = pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache,
+                                               tag="oracle")
     assert not hit_c and "unreadable" in caplog.text
     assert json.loads(files[0].read_text())["key"]
     assert [v["expression"] for v in c] == [v["expression"] for v in a]
@@ -419,11 +430,26 @@ def test_controls_cache_hit_is_identical_and_fits_nothing(ds, tmp_path, monkeypa
 
 def test_generated_unlabelled_force_data_matches_the_protocol(ds):
     """force_data.labelling.partial_steps=0 (gravprobe.orbits) gives the unlabelled protocol's data."""
-    spec = DatasetSpec.from_config({**force_spec().to_dict(), "labelling": {"full_systems": FULL, "partial_steps": 0}})
+    spec = DatasetSpec.from_config({**force_spec().to_dict(),
+                                    "labelling": {"full_systems": FULL, "partial_steps": 0}})
     raw = types.SimpleNamespace(**generate_arrays(spec, seed=0))
     assert not raw.labelled[FULL:].any() and raw.labelled[:FULL][raw.bodies[:FULL] >= 1].all()
     train, held = split_force_data(raw, "unlabelled")
-    assert set(np.unique(held.system)) == set(range(FULL, N_SYS)) and len(held) == (raw.bodies[FULL:] >= 1).sum()
+    assert set(np.unique(held.system)) == set(range(FULL, N_SYS))
+    assert len(held) == (raw.bodies[FULL:] >= 1).sum()
     assert set(np.unique(train.system)) == set(range(FULL))
     with pytest.raises(ValueError, match="partial_steps=0"):
         split_force_data(raw, "two_label")
+
+
+def test_protocol_problems_from_config_alone():
+    from gravprobe.probes.pipeline import protocol_problems
+
+    assert protocol_problems(_compose([])) == []
+    (msg,) = protocol_problems(_compose(["probe.protocol=unlabelled"]))
+    assert "force_data.labelling.partial_steps=2" in msg and "partial_steps=0" in msg
+    ok = ["probe.protocol=unlabelled", "force_data.labelling.partial_steps=0"]
+    assert protocol_problems(_compose(ok)) == []
+    (msg,) = protocol_problems(_compose(["force_data.labelling.partial_steps=0"]))
+    assert "probe.protocol=unlabelled" in msg
+    assert "not a protocol" in protocol_problems(_compose(["probe.protocol=none"]))[0]
