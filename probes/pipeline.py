@@ -8,7 +8,11 @@
   "selection": {...}, "sr": {...}}`` (DESIGN.md "Runs and files"). ``requested`` lists the parts
   ``cfg.probe`` asked for, ``done`` those whose results are written (:func:`requested_parts`,
   :func:`parts_done`): the stage is complete when ``set(requested) <= set(done)``;
-- ``probes_linear.csv`` (probe, layer, target, r2) and ``probes_linear.png`` (R² per layer);
+- ``results.json["probes"]`` also holds ``linear_probe`` (penalties, edge flags, decodability, the untrained
+  control per target and layer), ``untrained`` (the probes of the untrained network) and ``readouts``
+  (Liu's last-position readouts, :mod:`gravprobe.probes.readouts`) — docs/results_schema.md;
+- ``probes_linear.csv`` (model, probe, layer, target, r2, decodable, alpha, alpha_edge) and
+  ``probes_linear.png`` (R² per layer, trained and untrained);
 - ``equations_<source>_galaxy<seed>.csv`` — the full Pareto front per galaxy, for ``source`` in
   ``head`` (the fine-tuned model), ``oracle`` (2-NN), ``truth`` (true |F| with 1 % noise),
   ``oracle_no_m1`` (2-NN without log m_planet) and ``memoriser`` (the sequence's own labels);
@@ -326,21 +330,49 @@ def run_controls(train: PlanetSteps, pool: PlanetSteps, galaxies: Sequence[np.nd
 
 
 # ------------------------------------------------------------------------------------------- plots
-def plot_linear(rows: list[dict], path: Path) -> None:
+def plot_linear(rows: list[dict], path: Path, *, untrained: list[dict] | None = None, floor: float = -0.5,
+                decodable_min_r2: float | None = None) -> None:
+    """Held-out R² per layer, one panel per probe kind (and one for the untrained control's ridge probes).
+
+    Every target is drawn (distinct colour *and* line style); R² below ``floor`` is not clipped silently: the
+    point sits on the floor as a downward triangle with its value written beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    probes = sorted({r["probe"] for r in rows})
-    fig, axes = plt.subplots(1, len(probes), figsize=(6 * len(probes), 4), squeeze=False)
-    for ax, p in zip(axes[0], probes):
-        for t in sorted({r["target"] for r in rows}):
-            pts = sorted((r["layer"], r["r2"]) for r in rows if r["probe"] == p and r["target"] == t)
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", label=t)
-        ax.set(xlabel="layer (0 = embeddings)", ylabel="held-out R²", title=f"{p} probes", ylim=(-0.1, 1.02))
+    panels = [(p, f"{p} probes", [r for r in rows if r["probe"] == p]) for p in sorted({r["probe"] for r in rows})]
+    if untrained:
+        panels.append(("ridge", "ridge probes, untrained network", [r for r in untrained if r["probe"] == "ridge"]))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    cmap = plt.get_cmap("tab20" if len(targets) > 10 else "tab10")
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "P", "X"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
+    for ax, (_, title, prows) in zip(axes[0], panels):
+        for i, t in enumerate(targets):
+            pts = sorted((r["layer"], r["r2"]) for r in prows if r["target"] == t)
+            if not pts:
+                continue
+            x = np.array([a for a, _ in pts], dtype=float)
+            y = np.array([b for _, b in pts], dtype=float)
+            style = {"color": cmap(i % cmap.N), "ls": styles[i % len(styles)], "lw": 1.3}
+            ax.plot(x, np.maximum(y, floor), marker=markers[i % len(markers)], ms=4, label=t, **style)
+            low = y < floor
+            if low.any():
+                ax.plot(x[low], np.full(low.sum(), floor), "v", ms=8, color=style["color"])
+                for xi, yi in zip(x[low], y[low]):
+                    ax.annotate(f"{t} {yi:.3g}", (xi, floor), xytext=(3, 4 + 7 * (i % 4)), textcoords="offset points",
+                                fontsize=6, color=style["color"])
+        ax.axhline(0.0, color="k", lw=0.6)
+        if decodable_min_r2 is not None:
+            ax.axhline(decodable_min_r2, color="k", lw=0.6, ls=":")
+        ax.set(xlabel="layer (0 = embeddings, i = after block i)", ylabel=f"held-out R² (values < {floor} marked ▼)",
+               title=title, ylim=(floor - 0.05, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -439,11 +471,40 @@ def load_model(cfg, run_dir: Path, device: str):
     return model.to(device), meta, ckpt
 
 
+def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: str = "cpu") -> dict:
+    """§4.1 probes of ``model`` and (``probe.linear.untrained_control``) of its untrained twin on the same
+    sequences and split; writes ``probes_linear.csv`` (column ``model``: trained | untrained) and
+    ``probes_linear.png``; returns the ``results.json["probes"]`` keys ``linear``, ``mlp``, ``linear_probe``
+    and ``untrained`` (docs/results_schema.md)."""
+    from gravprobe.probes.linear import linear_report, run_linear_probes
+    from gravprobe.probes.readouts import untrained_twin
+
+    rows = run_linear_probes(model, ds, lin, layers=layers, seed=seed, device=device)
+    rows_u: list[dict] = []
+    if _get(lin, "untrained_control", True):
+        rows_u = run_linear_probes(untrained_twin(model, seed, device), ds, lin, layers=layers, seed=seed, device=device)
+    _write_csv([{"model": "trained", **r} for r in rows] + [{"model": "untrained", **r} for r in rows_u],
+               run_dir / "probes_linear.csv")
+    plot_linear(rows, run_dir / "probes_linear.png", untrained=rows_u,
+                decodable_min_r2=float(_get(lin, "decodable_min_r2", 0.05)))
+    sec: dict[str, Any] = {"linear": _nested(rows, "ridge"), "linear_probe": linear_report(rows, rows_u, lin)}
+    if any(r["probe"] == "mlp" for r in rows):
+        sec["mlp"] = _nested(rows, "mlp")
+    if rows_u:
+        sec["untrained"] = {"seed": seed, "linear": _nested(rows_u, "ridge")}
+        if any(r["probe"] == "mlp" for r in rows_u):
+            sec["untrained"]["mlp"] = _nested(rows_u, "mlp")
+    nd = sec["linear_probe"]["not_decodable"]
+    if nd:
+        log.info("linear probes: not decodable at any layer (best held-out R² < %s): %s",
+                 sec["linear_probe"]["decodable_min_r2"], ", ".join(nd))
+    return sec
+
+
 def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     """Everything after loading: linear probes, head, the controls, laws and verdicts (module docstring)."""
     from gravprobe.common import update_results
     from gravprobe.probes.force_head import finetune_force_head
-    from gravprobe.probes.linear import run_linear_probes
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -458,14 +519,15 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     # §4.1 linear probes (on a copy of the pretrained weights: the head fine-tunes the trunk afterwards)
     lin = _get(pc, "linear")
     if lin is not None and _get(lin, "enabled", True):
-        rows = run_linear_probes(model, ds, lin, layers=_get(pc, "layers", "all"), seed=seed, device=device)
-        _write_csv(rows, run_dir / "probes_linear.csv")
-        plot_linear(rows, run_dir / "probes_linear.png")
-        out["linear"] = _nested(rows, "ridge")
-        if any(r["probe"] == "mlp" for r in rows):
-            out["mlp"] = _nested(rows, "mlp")
+        out.update(linear_section(model, ds, lin, _get(pc, "layers", "all"), run_dir, seed=seed, device=device))
     else:
         out["linear"] = {}
+    # Liu's last-position readouts per hook site (with their untrained control), before the head fine-tunes
+    rd = _get(pc, "readouts")
+    if rd is not None and _get(rd, "enabled", True):
+        from gravprobe.probes.readouts import run_readouts
+
+        out["readouts"] = run_readouts(model, ds, _plain(rd), seed=seed, device=device)
 
     # §4.3 selection: reference = training states = labelled steps (only sequences that carry labels);
     # pool = the held-out steps nearest to them
