@@ -61,10 +61,16 @@ def model_inputs(model, ds, systems: np.ndarray):
     return torch.from_numpy(np.asarray(ds.tokens[systems]).astype(np.int64))
 
 
+def context_limit(model) -> int | None:
+    """The longest input the model takes: ``block_size`` for learned positions, ``None`` (any) for RoPE."""
+    return int(model.cfg.block_size) if getattr(model, "pos_emb", None) is not None else None
+
+
 def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, *, layers: Sequence[int] | None = None,
                         batch_size: int = 8, device: str = "cpu") -> dict[int, np.ndarray]:
     """Hidden states at selected steps. ``steps_mask [len(systems), T]`` bool picks the steps (e.g. planet
-    steps); returns ``{layer: [M, C] float32}`` in row-major order of ``(system, step)`` over the mask."""
+    steps); returns ``{layer: [M, C] float32}`` in row-major order of ``(system, step)`` over the mask. Each
+    batch's input stops after its last selected step (exact for a causal model)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -78,9 +84,12 @@ def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, 
     with torch.no_grad():
         for b in tqdm(range(0, len(systems), batch_size), desc="activations", leave=False):
             sl = slice(b, b + batch_size)
-            x = model_inputs(model, ds, systems[sl]).to(device)
+            mb = np.asarray(steps_mask[sl], dtype=bool)
+            cols = np.flatnonzero(mb.any(0))
+            t_end = int(cols[-1]) + 1 if len(cols) else 1       # causal: later positions change nothing
+            x = model_inputs(model, ds, systems[sl])[:, :t_end].to(device)
             hs = model.hidden_states(x)
-            m = torch.from_numpy(np.asarray(steps_mask[sl], dtype=bool)).to(device)
+            m = torch.from_numpy(mb[:, :t_end]).to(device)
             for l in layers:
                 out[l].append(hs[l][m].float().cpu().numpy())
     return {l: np.concatenate(v) if v else np.zeros((0, model.d_model), np.float32) for l, v in out.items()}
@@ -230,10 +239,14 @@ def fit_probes(acts: dict, targets: np.ndarray, is_train: np.ndarray, names: Seq
     return rows
 
 
-def probe_rows_of(ds, systems: np.ndarray, max_steps_per_system: int | None) -> np.ndarray:
+def probe_rows_of(ds, systems: np.ndarray, max_steps_per_system: int | None, *, limit: int | None = None
+                  ) -> np.ndarray:
     """Planet-step mask ``[len(systems), T]`` with at most ``max_steps_per_system`` evenly spaced planet
-    steps per sequence (``None``/0 = all)."""
+    steps per sequence (``None``/0 = all), only among the first ``limit`` positions (a learned-position
+    model's context; ``None`` = all)."""
     mask = np.asarray(ds.bodies[systems]) >= 1
+    if limit is not None:
+        mask[:, limit:] = False
     if max_steps_per_system:
         kmax = int(max_steps_per_system)
         for i in range(len(systems)):
@@ -269,7 +282,8 @@ def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: st
     n = min(int(cfg.get("n_systems", 400)), ds.states.shape[0])
     rng = np.random.default_rng(seed)
     systems, held_sys = split_systems(ds.states.shape[0], n, float(cfg.get("heldout_fraction", 0.2)), rng)
-    mask = probe_rows_of(ds, systems, cfg.get("max_steps_per_system"))
+    limit = context_limit(model)
+    mask = probe_rows_of(ds, systems, cfg.get("max_steps_per_system"), limit=limit)
     layers = None if layers in (None, "all") else [int(l) for l in layers]
     acts = capture_activations(model, ds, systems, mask, layers=layers, batch_size=int(cfg.get("batch_size", 8)),
                                device=device)

@@ -39,6 +39,7 @@ import numpy as np
 from gravprobe.probes.linear import (
     DECODABLE_MIN_R2,
     TARGETS,
+    context_limit,
     model_inputs,
     probe_targets,
     ridge_alpha_grid,
@@ -66,11 +67,6 @@ def last_planet_steps(bodies: np.ndarray) -> np.ndarray:
     T = planet.shape[1]
     last = T - 1 - np.argmax(planet[:, ::-1], axis=1)
     return np.where(planet.any(1), last, -1)
-
-
-def context_limit(model) -> int | None:
-    """The longest input the model takes: ``block_size`` for learned positions, ``None`` (any) for RoPE."""
-    return int(model.cfg.block_size) if getattr(model, "pos_emb", None) is not None else None
 
 
 def untrained_twin(model, seed: int, device: str = "cpu"):

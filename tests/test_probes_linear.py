@@ -220,3 +220,32 @@ def test_run_linear_probes_same_numbers_for_same_seed():
     assert a == b
     assert {(r["probe"], r["layer"]) for r in a} == {(p, l) for p in ("ridge", "mlp") for l in (0, 1)}
     assert all(isinstance(r["decodable"], bool) for r in a)
+
+
+def test_capture_stops_after_the_last_step_and_respects_the_context():
+    """Cutting the input after a batch's last selected step gives the full-input activations (causal), and a
+    learned-position model shorter than the sequences is probed inside its context."""
+    from gravprobe.orbits import DatasetSpec, generate_arrays
+    from gravprobe.pretrain.model import GPT, GPTConfig
+    from gravprobe.probes.linear import capture_activations, model_inputs, run_linear_probes
+    from omegaconf import OmegaConf
+
+    spec = DatasetSpec.from_config({"name": "two_body_force", "planets": [1, 1], "n_systems": 30, "seq_len": 33,
+                                    "labelling": {"full_systems": 20, "partial_steps": 2}, "shard_size": 30})
+    ds = types.SimpleNamespace(**generate_arrays(spec, seed=0))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layers=2, n_heads=2, d_model=16, block_size=20, orbit_vocab=7003, position="learned",
+                          attention={"name": "softmax", "params": {}, "backend": "torch"}))
+    systems = np.arange(4)
+    mask = np.zeros((4, 33), bool)
+    mask[:, [3, 7]] = True
+    mask[2, 11] = True
+    acts = capture_activations(model, ds, systems, mask, batch_size=2)
+    with torch.no_grad():
+        hs = model.hidden_states(model_inputs(model, ds, systems)[:, :20])
+    for l in (0, 1, 2):
+        np.testing.assert_allclose(acts[l], hs[l][torch.from_numpy(mask[:, :20])].numpy(), rtol=1e-5, atol=1e-6)
+    cfg = OmegaConf.create({"n_systems": 30, "heldout_fraction": 0.3, "max_steps_per_system": None, "cv_folds": 2,
+                            "targets": ["log_r"], "ridge_alphas": [1e-2, 1, 100], "mlp": {"enabled": False}})
+    rows = run_linear_probes(model, ds, cfg, seed=0)                 # 33 tokens > block_size 20: no error
+    assert len(rows) == 3 and all(np.isfinite(r["r2"]) for r in rows)
