@@ -342,7 +342,8 @@ def plot_linear(rows: list[dict], path: Path, *, untrained: list[dict] | None = 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    panels = [(p, f"{p} probes", [r for r in rows if r["probe"] == p]) for p in sorted({r["probe"] for r in rows})]
+    kinds = sorted({r["probe"] for r in rows}, key=lambda p: (p != "ridge", p))          # ridge first
+    panels = [(p, f"{p} probes", [r for r in rows if r["probe"] == p]) for p in kinds]
     if untrained:
         panels.append(("ridge", "ridge probes, untrained network", [r for r in untrained if r["probe"] == "ridge"]))
     targets = list(dict.fromkeys(r["target"] for r in rows))
@@ -351,6 +352,7 @@ def plot_linear(rows: list[dict], path: Path, *, untrained: list[dict] | None = 
     markers = ["o", "s", "^", "D", "P", "X"]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
     for ax, (_, title, prows) in zip(axes[0], panels):
+        below: dict[float, list[tuple[str, float, Any]]] = {}
         for i, t in enumerate(targets):
             pts = sorted((r["layer"], r["r2"]) for r in prows if r["target"] == t)
             if not pts:
@@ -363,8 +365,11 @@ def plot_linear(rows: list[dict], path: Path, *, untrained: list[dict] | None = 
             if low.any():
                 ax.plot(x[low], np.full(low.sum(), floor), "v", ms=8, color=style["color"])
                 for xi, yi in zip(x[low], y[low]):
-                    ax.annotate(f"{t} {yi:.3g}", (xi, floor), xytext=(3, 4 + 7 * (i % 4)), textcoords="offset points",
-                                fontsize=6, color=style["color"])
+                    below.setdefault(float(xi), []).append((t, float(yi), style["color"]))
+        for xi, items in below.items():                  # one stacked label per layer: "target R²"
+            for k, (t, yi, colour) in enumerate(items):
+                ax.annotate(f"{t} {yi:.3g}", (xi, floor), xytext=(5, 6 + 7 * k), textcoords="offset points",
+                            fontsize=6, color=colour)
         ax.axhline(0.0, color="k", lw=0.6)
         if decodable_min_r2 is not None:
             ax.axhline(decodable_min_r2, color="k", lw=0.6, ls=":")
