@@ -168,14 +168,27 @@ _FINETUNE = textwrap.dedent("""
     part = np.arange(8, 12)
     qmask = (ds.bodies[part] >= 1) & ~ds.labelled[part]
     cfg = OmegaConf.create({"protocol": "magnitude", "lr": 1e-3, "steps": 6, "batch_size": 3, "warmup": 2})
+    # the frozen-model probes first (the head fine-tunes the trunk), as the probe stage does
+    from gravprobe.probes.linear import run_linear_probes
+    from gravprobe.probes.readouts import run_readouts
+    grid = {"min": 1e-3, "max": 1e6, "num": 10}
+    lin = run_linear_probes(model, ds, {"n_systems": 12, "max_steps_per_system": 4, "cv_folds": 2,
+                                        "ridge_alphas": grid, "mlp": {"enabled": True, "hidden": 8, "max_iter": 20}},
+                            seed=7)
+    rd = run_readouts(model, ds, {"n_systems": 12, "cv_folds": 2, "ridge_alphas": grid,
+                                  "attention": {"windows": [1, 2], "n_systems": 4}}, seed=7)
+    rd.pop("seconds")
     res = finetune_force_head(model, ds, np.arange(12), part, qmask, cfg, seed=7)
     np.save(out, np.concatenate([res.pred_magnitude, np.asarray(res.losses)]))
+    import json
+    open(out + ".json", "w").write(json.dumps({"linear": lin, "readouts": rd}, sort_keys=True))
 """)
 
 
 def test_finetune_identical_in_two_processes(tmp_path):
     """Same checkpoint, data and config in two fresh interpreters (one after unrelated random draws):
-    byte-identical predictions and losses (dropout on, so the global RNG matters too)."""
+    byte-identical force-head predictions and losses (dropout on, so the global RNG matters too), and
+    identical linear-probe and readout results."""
     from gravprobe.orbits import DatasetSpec, generate_arrays
     from gravprobe.pretrain.model import GPT, GPTConfig
 
@@ -195,6 +208,8 @@ def test_finetune_identical_in_two_processes(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     a, b = (tmp_path / "pred0.npy").read_bytes(), (tmp_path / "pred1.npy").read_bytes()
     assert a == b
+    ja, jb = (tmp_path / "pred0.npy.json").read_text(), (tmp_path / "pred1.npy.json").read_text()
+    assert ja == jb and '"newton"' in ja                     # linear probes and readouts: same numbers too
     pred = np.load(tmp_path / "pred0.npy")
     assert np.isfinite(pred).all() and len(pred) > 6
 
