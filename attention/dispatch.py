@@ -1,8 +1,10 @@
 """Which attention backend runs: the one place that decides, logs it, and lets tests override it.
 
 Backends:
-    ``torch``  — the plain-PyTorch reference (:mod:`gravprobe.attention.reference`); every variant,
-                 every device and dtype, causal or not.
+    ``torch``  — plain PyTorch, every variant, device and dtype, causal or not, any window:
+                 :func:`gravprobe.attention.eager.eager_attention` (SDPA for softmax/ssmax, fused
+                 autograd Functions for softplus/lssa/lssar; the reference for relu/sigmoid), which
+                 matches the reference (:mod:`gravprobe.attention.reference`) to rounding.
     ``triton`` — the fused kernels of :mod:`gravprobe.kernels`, called as
                  ``gravprobe.kernels.fused_attention(q, k, v, variant, causal=..., **params)``
                  (``[B, T, H, D]`` in and out) for the variants in ``gravprobe.kernels.SUPPORTED_VARIANTS``.
@@ -28,7 +30,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .reference import _check_qkv, check_window, reference_attention, resolve_params
+from .eager import eager_attention
+from .reference import _check_qkv, check_window, resolve_params
 
 logger = logging.getLogger(__name__)
 
@@ -233,4 +236,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
     if chosen == "triton":
         kernels, _ = _load_kernels()
         return kernels.fused_attention(q, k, v, variant, causal=causal, **resolved)
-    return reference_attention(q, k, v, variant, causal=causal, window=window, **resolved)
+    return eager_attention(q, k, v, variant, causal=causal, window=window, **resolved)

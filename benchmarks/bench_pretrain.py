@@ -4,6 +4,16 @@ Run the tests first (``pytest tests/test_pretrain_model.py tests/test_pretrain_t
 
     python benchmarks/bench_pretrain.py                          # model=tiny and model=small, every variant
     python benchmarks/bench_pretrain.py --models tiny --variants softmax lssar --seconds 2 --json out.json
+    # the study's size (2 layers x 32, 1 head, batch 128, T = 100, one thread), new vs old attention code:
+    python benchmarks/bench_pretrain.py --models tiny --override model.n_layers=2 model.d_model=32 \
+        model.n_heads=1 --batch 128 --seq-len 100 --n-bins 128 --threads 1 --compare-reference \
+        --variants softmax lssa lssar lssar:sharpen_power=15
+
+A variant may carry parameters as ``name:key=value,key=value`` (e.g. ``lssar:sharpen_power=3``).
+``--compare-reference`` adds, per variant, a runner whose ``backend="torch"`` attention runs the plain
+reference (``reference_attention``: the code before ``attention/eager.py``), so old and new are measured
+side by side in one process. ``--clock process`` (default) times process CPU seconds, which a shared
+machine disturbs far less than wall time; ``--clock wall`` times wall seconds.
 
 For each model preset (``conf/model/<name>.yaml``) and variant, one full optimiser step (forward and
 backward on a batch of orbit sequences at the preset's context, AdamW update, gradient clipping) is
@@ -23,16 +33,23 @@ import platform
 import time
 
 import torch
-from gravprobe.attention import VARIANTS
+from gravprobe.attention import VARIANTS, dispatch, reference_attention
 from gravprobe.pretrain.model import GPT
 from gravprobe.pretrain.train import make_optimizer, model_config
 
 
-def preset(name: str, variant: str, n_bins: int):
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"lssar:sharpen_power=3,offset=1"`` -> ``("lssar", ["attention.params.sharpen_power=3", ...])``."""
+    name, _, rest = spec.partition(":")
+    return name, [f"attention.params.{kv}" for kv in rest.split(",") if kv]
+
+
+def preset(name: str, variant: str, n_bins: int, overrides: list[str] = ()):
     from hydra import compose, initialize_config_module
 
+    variant, params = parse_variant(variant)
     with initialize_config_module("gravprobe.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={name}", f"attention={variant}"])
+        cfg = compose("config", overrides=[f"model={name}", f"attention={variant}", *params, *overrides])
     return cfg, model_config(cfg, orbit_vocab=n_bins + 3, text_vocab=0)
 
 
@@ -40,37 +57,51 @@ class Runner:
     """One model + optimiser + fixed batch; ``window(seconds)`` -> tokens/s over whole optimiser steps."""
 
     def __init__(self, name: str, variant: str, *, batch: int, seq_len: int | None, n_bins: int,
-                 device: torch.device, warmup: int) -> None:
-        cfg, mcfg = preset(name, variant, n_bins)
+                 device: torch.device, warmup: int, overrides: list[str] = (), reference: bool = False,
+                 clock=time.perf_counter) -> None:
+        cfg, mcfg = preset(name, variant, n_bins, overrides)
         self.name, self.variant, self.batch, self.device = name, variant, batch, device
+        self.label = variant + (" [ref]" if reference else "")
+        self.reference, self.clock = reference, clock
         self.T = seq_len or mcfg.block_size
         torch.manual_seed(0)
         self.model = GPT(mcfg).to(device)
         self.opt = make_optimizer(self.model, cfg.train)
-        self.x = torch.randint(0, n_bins, (batch, self.T + 1, 2), device=device)
-        self.x[:, 0] = n_bins
+        if mcfg.orbit_mode == "continuous":
+            self.x = torch.randn(batch, self.T + 1, 2, device=device)
+            self.x[:, 0] = float("nan")                            # the dt marker
+        else:
+            self.x = torch.randint(0, n_bins, (batch, self.T + 1, 2), device=device)
+            self.x[:, 0] = n_bins
         for _ in range(warmup):
             self.step()
 
     def step(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        with (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-              else torch.autocast("cpu", enabled=False)):
-            loss = self.model(orbits=self.x)["orbits"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
+        # the "old code" runner: backend="torch" as it was before attention/eager.py (the plain reference)
+        fast = dispatch.eager_attention
+        if self.reference:
+            dispatch.eager_attention = reference_attention
+        try:
+            self.opt.zero_grad(set_to_none=True)
+            with (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                  else torch.autocast("cpu", enabled=False)):
+                loss = self.model(orbits=self.x)["orbits"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+        finally:
+            dispatch.eager_attention = fast
 
     def window(self, seconds: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        n, t0 = 0, time.perf_counter()
+        n, t0 = 0, self.clock()
         while True:
             self.step()
             n += 1
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            dt = self.clock() - t0
             if dt >= seconds and n >= 2:
                 return self.batch * self.T * n / dt
 
@@ -88,37 +119,53 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every runner "
+                    "(e.g. model.n_layers=2 model.d_model=32 model.n_heads=1)")
+    ap.add_argument("--compare-reference", action="store_true",
+                    help="also time each variant with the old plain-reference attention (same process)")
+    ap.add_argument("--clock", choices=("process", "wall"), default="process",
+                    help="process CPU time (default; robust on a shared machine) or wall time")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.variants) - set(VARIANTS))
+    unknown = sorted({parse_variant(v)[0] for v in args.variants} - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     variants = ["softmax"] + [v for v in args.variants if v != "softmax"]
+    clock = time.process_time if args.clock == "process" and args.device == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
-          f"{torch.get_num_threads()} threads, batch {args.batch}, V {args.n_bins}")
-    print(f"{'model':<8} {'variant':<9} {'T':>5} {'params':>9} {'tokens/s':>10} {'vs softmax':>10}")
+          f"{torch.get_num_threads()} threads, batch {args.batch}, V {args.n_bins}, clock {args.clock}, "
+          f"overrides {args.override}")
+    print(f"{'model':<8} {'variant':<28} {'T':>5} {'params':>9} {'tokens/s':>10} {'ms/step':>8} "
+          f"{'vs softmax':>10}")
     rows = []
     for name in args.models:
-        runners = [Runner(name, v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins, device=device,
-                          warmup=args.warmup) for v in variants]
+        runners = []
+        for v in variants:
+            for ref in ((False, True) if args.compare_reference else (False,)):
+                runners.append(Runner(name, v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins,
+                                      device=device, warmup=args.warmup, overrides=args.override, reference=ref,
+                                      clock=clock))
         # rounds cycle through the variants so that a load spike hits all of them; best window per variant
-        best = {r.variant: 0.0 for r in runners}
+        best = {r.label: 0.0 for r in runners}
         for _ in range(args.rounds):
             for r in runners:
-                best[r.variant] = max(best[r.variant], r.window(args.seconds / args.rounds))
+                best[r.label] = max(best[r.label], r.window(args.seconds / args.rounds))
         for r in runners:
-            row = {"model": name, "variant": r.variant, "batch": args.batch, "seq_len": r.T,
-                   "params": r.model.num_params(), "params_non_embedding": r.model.num_params(True),
-                   "tokens_per_s": best[r.variant], "ratio_vs_softmax": best[r.variant] / best["softmax"]}
+            base = best["softmax [ref]" if r.reference else "softmax"]
+            row = {"model": name, "variant": r.variant, "reference": r.reference, "batch": args.batch,
+                   "seq_len": r.T, "params": r.model.num_params(), "params_non_embedding": r.model.num_params(True),
+                   "tokens_per_s": best[r.label], "ms_per_step": 1e3 * args.batch * r.T / best[r.label],
+                   "ratio_vs_softmax": best[r.label] / base}
             rows.append(row)
-            print(f"{name:<8} {r.variant:<9} {r.T:>5} {row['params']:>9,} {row['tokens_per_s']:>10,.0f} "
-                  f"{row['ratio_vs_softmax']:>10.2f}", flush=True)
+            print(f"{name:<8} {r.label:<28} {r.T:>5} {row['params']:>9,} {row['tokens_per_s']:>10,.0f} "
+                  f"{row['ms_per_step']:>8.1f} {row['ratio_vs_softmax']:>10.2f}", flush=True)
         del runners
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
+                       "overrides": args.override, "rows": rows}, f, indent=2)
     return rows
 
 

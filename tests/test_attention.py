@@ -367,3 +367,55 @@ def test_window_errors_name_the_problem():
     with pytest.raises(ValueError, match="needs causal=True"):
         attend(q, k, v, "softmax", causal=False, window=2)
     torch.testing.assert_close(attend(q, k, v, "lssa", window=2.0), attend(q, k, v, "lssa", window=2))
+
+
+# --- the torch backend's fast path (attention/eager.py) against the reference ---------------------------
+
+@pytest.mark.parametrize("chunk", [None, 1])          # one block kept / one sequence per recomputed block
+@pytest.mark.parametrize("variant,params", [
+    ("softmax", {}), ("softplus", {}), ("lssa", {}), ("ssmax", {}),
+    ("lssar", {}), ("lssar", {"sharpen_power": 3.0}), ("lssar", {"sharpen_power": 1.0, "offset_until": 0}),
+    ("lssar", {"sharpen_power": 1.5, "offset": 0.5}), ("lssar", {"sharpen_power": 70.0}),
+])
+def test_eager_matches_reference_values_and_gradients(variant, params, chunk, monkeypatch):
+    from gravprobe.attention import eager
+
+    if chunk is not None:
+        monkeypatch.setattr(eager, "CHUNK_ELEMENTS", chunk)
+    for causal, window in ((True, None), (True, 3), (False, None)):
+        q, k, v = (t.requires_grad_() for t in _qkv(B=3, T=8, H=2, D=4, seed=21))
+        got = eager.eager_attention(q, k, v, variant, causal=causal, window=window, **params)
+        want = reference_attention(q, k, v, variant, causal=causal, window=window, **params)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(got)
+        for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_eager_lssar_uniform_rows_and_zero_vectors_match_the_reference():
+    from gravprobe.attention import eager
+
+    T = 9
+    q, _, v = _qkv(B=1, T=T, H=2, D=3, seed=22)
+    q[0, 5, 0] = 0.0                                  # a zero query: cosines 0, a uniform lssa row
+    k = torch.randn(1, 1, 2, 3, dtype=torch.float64).expand(1, T, 2, 3).contiguous()   # identical keys
+    uniform = torch.cumsum(v, 1) / torch.arange(1, T + 1, dtype=torch.float64)[None, :, None, None]
+    torch.testing.assert_close(eager.eager_attention(q, k, v, "lssar"), uniform, rtol=1e-12, atol=1e-12)
+    k = torch.randn_like(k)
+    for params in ({"sharpen_power": 3.0}, {"offset": 100.0, "offset_until": 0}):   # the 0/0 limit
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        got = eager.eager_attention(q, k, v, "lssar", **params)
+        want = reference_attention(q, k, v, "lssar", **params)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        grads = zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v)))
+        for a, b in grads:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_eager_float32_close_to_float64_reference():
+    from gravprobe.attention import eager
+
+    q, k, v = _qkv(B=2, T=64, H=2, D=16, seed=23)
+    for variant in eager.FAST_VARIANTS:
+        got = eager.eager_attention(q.float(), k.float(), v.float(), variant)
+        torch.testing.assert_close(got.double(), reference_attention(q, k, v, variant), rtol=1e-4, atol=2e-5)
