@@ -10,12 +10,15 @@ import sympy as sp
 
 from gravprobe.probes import symbolic
 from gravprobe.probes.symbolic import BackendUnavailableError, EquationTable, fit_equation
-from gravprobe.probes.verdict import compare_to_newton, is_symbolically_newtonian, power_law_fit
+from gravprobe.probes.verdict import compare_to_newton, is_power_law, is_symbolically_newtonian, power_law_fit
 
 G = 4 * np.pi**2
 NAMES = ("r", "m1", "m2")
-FAST = dict(backend="operon", n_threads=2, generations=30)
-QUICK = dict(backend="operon", n_threads=2, generations=10, population_size=200)
+# the power-law search alone, as before (transform="log"): fast, for the verdict-on-engine tests
+FAST = dict(backend="operon", n_threads=1, generations=30, transform="log")
+QUICK = dict(backend="operon", n_threads=1, generations=10, population_size=200, transform="log")
+# the default multi-representation search at a CI budget (the defaults are population 1000, 60 generations)
+MULTI = dict(backend="operon", n_threads=1, population_size=500, generations=40, search_points=300)
 
 
 def galaxy(seed: int, n: int = 600) -> np.ndarray:
@@ -140,18 +143,59 @@ def test_table_shape_scores_and_csv(tmp_path):
     y = noisy(newton(X), 3)
     res = fit_equation(X, y, NAMES, seed=1, **FAST)
     t = res.table
-    assert isinstance(t, EquationTable) and len(t) >= 3
-    comp = [r["complexity"] for r in t]
-    loss = [r["loss"] for r in t]
+    assert isinstance(t, EquationTable) and len(t.front) >= 3
+    comp = [r["complexity"] for r in t.front]
+    loss = [r["loss"] for r in t.front]
     assert comp == sorted(comp) and all(a > b for a, b in zip(loss, loss[1:]))  # a Pareto front
     assert t[0]["complexity"] == 1 and t[0]["score"] == 0.0                      # the constant anchors it
+    assert t[0]["representation"] == "constant" and {r["representation"] for r in t[1:]} == {"log"}
     assert sum(r["chosen"] for r in t) == 1
     chosen = next(r for r in t if r["chosen"])
-    assert chosen["score"] == max(r["score"] for r in t) and chosen["expression"] == res.expression
+    assert chosen["score"] == max(r["score"] for r in t.front) and chosen["expression"] == res.expression
     assert {s.name for s in res.expression.free_symbols} <= set(NAMES)
     path = t.to_csv(tmp_path / "eq.csv")
     lines = path.read_text().splitlines()
-    assert lines[0].startswith("complexity,loss,score,chosen,expression") and len(lines) == len(t) + 1
+    assert lines[0] == "complexity,loss,score,chosen,representation,pareto,fit_loss,expression,raw"
+    assert len(lines) == len(t) + 1
+
+
+def test_multi_table_keeps_every_candidate_of_every_representation():
+    X = galaxy(3, 400)
+    y = noisy(newton(X), 3)
+    res = fit_equation(X, y, NAMES, seed=1, **{**MULTI, "population_size": 200, "generations": 15})
+    t = res.table
+    reps = [r["representation"] for r in t]
+    assert {"constant", "log", "mixed"} == set(reps)
+    assert len(t.front) < len(t)  # both searches' fronts are kept, the common front is a subset
+    front = t.front
+    assert [r["complexity"] for r in front] == sorted(r["complexity"] for r in front)
+    assert all(a["loss"] > b["loss"] for a, b in zip(front, front[1:]))
+    assert all(np.isnan(r["score"]) for r in t if not r["pareto"])
+    chosen = [r for r in t if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["pareto"] and res.representation == chosen[0]["representation"]
+    # the common loss is the held-out RMS log ratio of each candidate, recomputed from its expression
+    _, ho = symbolic.heldout_split(len(y), 0.2)
+    for r in t:
+        if np.isfinite(r["loss"]) and r["representation"] != "constant":
+            pred = symbolic.evaluate(r["expression"], NAMES, X[ho])
+            assert np.sqrt(np.mean(np.log(pred / y[ho]) ** 2)) == pytest.approx(r["loss"], rel=1e-6)
+    # parsimony: the simplest front row within (1 + tolerance) of the lowest held-out error
+    lowest = min(r["loss"] for r in front)
+    first = next(r for r in front if r["loss"] <= 1.2 * lowest)
+    assert first is chosen[0] and res.heldout_error == chosen[0]["loss"]
+    assert is_symbolically_newtonian(res.expression)[0] or compare_to_newton(res.expression, X, y).newtonian
+
+
+def test_heldout_split_is_deterministic_and_validated():
+    a, b = symbolic.heldout_split(1000, 0.2)
+    assert len(b) == 200 and len(a) == 800 and not set(a) & set(b)
+    a2, b2 = symbolic.heldout_split(1000, 0.2)
+    assert (a == a2).all() and (b == b2).all()
+    assert len(symbolic.heldout_split(100, 0.0)[1]) == 0
+    with pytest.raises(ValueError, match="holdout"):
+        symbolic.heldout_split(100, 1.0)
+    with pytest.raises(ValueError, match="lower it"):
+        symbolic.heldout_split(12, 0.5)
 
 
 def test_deterministic_for_a_seed():
@@ -166,7 +210,7 @@ def test_deterministic_for_a_seed():
 def test_raw_transform_with_literature_loss_runs():
     X = galaxy(5, 300)
     y = noisy(newton(X), 5)
-    res = fit_equation(X, y, NAMES, seed=0, transform="none", loss="l1", **QUICK)
+    res = fit_equation(X, y, NAMES, seed=0, loss="l1", **{**QUICK, "transform": "none"})
     assert res.transform == "none" and np.isfinite(res.predict(X)).all()
 
 
@@ -185,6 +229,12 @@ def test_input_validation():
         fit_equation(X, np.where(np.arange(50) == 3, np.nan, y), NAMES)
     with pytest.raises(TypeError, match="unknown Operon option"):
         fit_equation(X, y, NAMES, backend="operon", niterations=3)
+    with pytest.raises(ValueError, match="representation"):
+        fit_equation(X, y, NAMES, backend="operon", representations=["log", "sqrt"])
+    with pytest.raises(ValueError, match="representation_options"):
+        fit_equation(X, y, NAMES, backend="operon", representation_options={"logg": {}})
+    with pytest.raises(ValueError, match="selection"):
+        fit_equation(X, y, NAMES, backend="operon", selection="aic")
 
 
 # --------------------------------------------------------------------------------------------- PySR
