@@ -14,12 +14,24 @@
 4. **Newton fit**: the best ``C·m1·m2/r²`` (only C fitted, in log space) and its R² on ``log y``
    (``r2_newton``), plus the R² of the recovered law itself on ``log y`` (``r2_law``).
 
+5. **power-law form**: whether the law (after snapping) *is* a power law ``C·Π x_k^{a_k}`` — by its
+   structure, or, failing that, numerically: its local exponents ``∂log f/∂log x_k`` are the same at
+   every point (:func:`is_power_law`);
+6. **law vs Newton**: the log-space mean squared residual of the best ``C·m1·m2/r²`` over that of the
+   law (``mse_ratio``; > 1 when the law explains the data better).
+
 Verdict (thresholds are arguments, defaults stated here): **newtonian** when the law is symbolically
-Newtonian and ``r2_newton ≥ r2_min`` (0.99); or, failing the symbolic test, when every exponent of the
-law's power-law fit is within its confidence interval *widened by* ``tol`` (0.05, an equivalence
-margin: with 1,000 points the intervals of an excellent fit shrink below any physically meaningful
-difference) of (−2, 1, 1), that power-law fit has R² ≥ ``r2_min`` and ``r2_newton ≥ r2_min``. Otherwise
-not newtonian. All R² are in log space (relative errors), because |F| spans five decades.
+Newtonian and ``r2_newton ≥ r2_min`` (0.99). Failing the symbolic test, a **power law** is newtonian when
+every exponent is within its confidence interval *widened by* ``tol`` (0.05, an equivalence margin: with
+1,000 points the intervals of an excellent fit shrink below any physically meaningful difference) of
+(−2, 1, 1), that power-law fit has R² ≥ ``r2_min`` and ``r2_newton ≥ r2_min``. A law that is **not a
+power law** (softened, screened, a sum of terms, …) is never judged by its local power-law fit alone: it
+is newtonian only when, in addition to those conditions, it does *not* explain the data significantly
+better than the best Newton law, i.e. ``mse_ratio ≤ 1 + margin`` (``margin`` 0.1: with 1,000 points the
+sampling spread of a ratio of mean squares is about 5 %) — then its extra terms are not supported by the
+data. A softened law with a small ε or a screened law with a long λ whose local exponents are close to
+(−2, 1, 1) but which fits the data clearly better than Newton is therefore not Newtonian. All R² and
+mean squares are in log space (relative errors), because |F| spans five decades.
 
 Near misses are rejected by construction: 1/r (α = −1, β = γ = 0), m1/r² (γ = 0), m1·m2/r^2.5 (α = −2.5).
 """
@@ -49,7 +61,9 @@ class PowerLawFit:
 
 @dataclass
 class Verdict:
-    """One galaxy's verdict. ``exponents`` are the recovered law's, ``exponents_data`` the predictions'."""
+    """One galaxy's verdict. ``exponents`` are the recovered law's, ``exponents_data`` the predictions';
+    ``power_law`` whether the law is one (:func:`is_power_law`); ``mse_ratio`` Newton's log-space mean
+    squared residual over the law's (> 1: the law explains the data better)."""
 
     expression: str
     newtonian: bool
@@ -61,6 +75,8 @@ class Verdict:
     r2_newton: float
     r2_law: float
     newton_constant: float
+    power_law: bool = True
+    mse_ratio: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,9 +170,49 @@ def is_symbolically_newtonian(expression: sp.Expr, names: Sequence[str] = ("r", 
     return True, float(c.real)
 
 
+def is_power_law(expression: sp.Expr, names: Sequence[str] = ("r", "m1", "m2"),
+                 X: np.ndarray | None = None, *, rtol: float = 1e-6) -> bool:
+    """True when ``expression`` is ``C·Π x_k^{a_k}`` with constants ``C``, ``a_k`` (symbols matched by name).
+
+    First structurally (every factor that depends on a variable is a variable or a variable to a
+    constant power, after ``powsimp``/``expand_power_base``); when that fails and ``X [N, k]`` (columns
+    ``names``) is given, numerically: each local exponent ``x_k ∂f/∂x_k / f`` spreads by at most ``rtol``
+    (relative to max(1, |mean|)) over the points — this catches forms such as ``exp(c + 2 log r)`` that
+    sympy leaves unsimplified. A symbol that is not among ``names`` makes it not a power law.
+    """
+    by_name = {s.name: s for s in expression.free_symbols}
+    if set(by_name) - set(names):
+        return False
+    vars_ = set(by_name.values())
+    e = sp.powsimp(sp.expand_power_base(sp.expand(expression), force=True), force=True)
+    structural = True
+    for f in sp.Mul.make_args(e):
+        if not (f.free_symbols & vars_):
+            continue
+        if f.is_Symbol or (f.is_Pow and f.base.is_Symbol and not (f.exp.free_symbols & vars_)):
+            continue
+        structural = False
+        break
+    if structural or X is None:
+        return structural
+    X = np.asarray(X, dtype=np.float64)
+    for name, sym in by_name.items():
+        col = X[:, list(names).index(name)]
+        try:
+            local = sp.lambdify(list(by_name.values()), sp.diff(expression, sym) * sym / expression, "numpy")
+            with np.errstate(all="ignore"):
+                a = np.broadcast_to(np.asarray(local(*[X[:, list(names).index(n)] for n in by_name]),
+                                               dtype=np.float64), col.shape)
+        except (TypeError, ValueError, ZeroDivisionError):
+            return False
+        if not np.isfinite(a).all() or np.ptp(a) > rtol * max(1.0, float(np.abs(a).mean())):
+            return False
+    return True
+
+
 def compare_to_newton(expression: sp.Expr | str, X: np.ndarray, y: np.ndarray,
                       names: Sequence[str] = ("r", "m1", "m2"), *, ci: float = 0.99, tol: float = 0.05,
-                      r2_min: float = 0.99, snap: float = 0.02) -> Verdict:
+                      r2_min: float = 0.99, snap: float = 0.02, margin: float = 0.1) -> Verdict:
     """Judge one recovered law against Newton's ``C·m1·m2/r²`` (see the module docstring).
 
     Args:
@@ -164,7 +220,9 @@ def compare_to_newton(expression: sp.Expr | str, X: np.ndarray, y: np.ndarray,
         X: ``[N, 3]`` the galaxy's inputs, columns ``names`` = (r [AU], m1 [M☉], m2 [M☉]).
         y: ``[N]`` the values the law was fitted to (predicted |F|, M☉ AU yr⁻²).
         ci: confidence level of the exponent intervals; tol: equivalence margin added to each side;
-        r2_min: R² threshold (log space) for "explains the predictions"; snap: exponent snapping width.
+        r2_min: R² threshold (log space) for "explains the predictions"; snap: exponent snapping width;
+        margin: a non-power law whose log-space mean squared residual is below Newton's by more than this
+            factor (``mse_newton > (1 + margin)·mse_law``) explains the data better than Newton.
     """
     names = tuple(names)
     if len(names) != 3:
@@ -201,6 +259,17 @@ def compare_to_newton(expression: sp.Expr | str, X: np.ndarray, y: np.ndarray,
         r2_law = 1.0 - float(((ly - np.log(f[good])) ** 2).sum()) / sst if sst > 0 else 0.0
     else:
         r2_law = float("-inf")
+    # law vs Newton on the same points, log space; a law that is not positive everywhere explains nothing
+    pos = (y > 0) & np.isfinite(y)
+    ly_all = np.log(y[pos])
+    base = np.log(X[pos, 1]) + np.log(X[pos, 2]) - 2 * np.log(X[pos, 0])
+    mse_newton = float(np.mean((ly_all - base - np.mean(ly_all - base)) ** 2)) if pos.any() else float("inf")
+    if good.sum() == pos.sum() and pos.any():
+        mse_law = float(np.mean((ly_all - np.log(f[pos])) ** 2))
+    else:
+        mse_law = float("inf")
+    mse_ratio = mse_newton / mse_law if mse_law > 0 else (float("inf") if mse_newton > 0 else 1.0)
+    power = sym or is_power_law(_snap(expression, snap), names, X)
 
     target = dict(zip(names, NEWTON_EXPONENTS.values()))
     inside = {n: (ex_law[n][1] - tol <= target[n] <= ex_law[n][2] + tol) for n in names}
@@ -221,14 +290,25 @@ def compare_to_newton(expression: sp.Expr | str, X: np.ndarray, y: np.ndarray,
         reasons.append(f"exponent(s) of {', '.join(misses)} exclude Newton's (-2, 1, 1) by more than {tol}")
     reasons.append(f"Newton fit R2 (log) {r2_newton:.4f} {'>=' if explains else '<'} {r2_min}; "
                    f"law R2 (log) {r2_law:.4f}")
+    better = mse_ratio > 1 + margin
 
     if sym:
         newtonian = explains
-    else:
+    elif power:
         newtonian = (not misses) and r2_pl >= r2_min and explains
         if newtonian:
             reasons.append("numerically Newtonian: every exponent agrees within CI + tolerance")
+    else:
+        reasons.append(f"not a power law: judged by its fit, not by its local exponents; Newton's mean squared "
+                       f"log residual is {mse_ratio:.3g}x the law's ({'>' if better else '<='} 1 + {margin})")
+        newtonian = (not better) and (not misses) and r2_pl >= r2_min and explains
+        if better:
+            reasons.append("the law explains the data significantly better than C*m1*m2/r^2: not Newtonian")
+        elif newtonian:
+            reasons.append("numerically Newtonian: its non-power-law terms do not explain the data better than "
+                           "C*m1*m2/r^2 and every exponent agrees within CI + tolerance")
     return Verdict(expression=str(expression), newtonian=bool(newtonian), symbolic=bool(sym),
                    reasons="; ".join(reasons), exponents=ex_law, exponents_data=ex_data, r2_power_law=r2_pl,
                    r2_newton=r2_newton, r2_law=r2_law, newton_constant=c_fit,
-                   extra={"ci": ci, "tol": tol, "r2_min": r2_min})
+                   power_law=bool(power), mse_ratio=float(mse_ratio),
+                   extra={"ci": ci, "tol": tol, "r2_min": r2_min, "margin": margin})

@@ -85,6 +85,52 @@ def test_verdict_with_a_constant_variable():
     assert not compare_to_newton(39.6 * m1 / r**2.5, X, y).newtonian
 
 
+def test_is_power_law_structural_and_numeric():
+    r, m1, m2 = sp.symbols("r m1 m2", positive=True)
+    assert is_power_law(G * m1 * m2 / r**2) and is_power_law(3.1 * m1**0.7 / r**2.5)
+    assert is_power_law(sp.Float(2.0))                                       # a constant: all exponents 0
+    assert not is_power_law(G * m1 * m2 / (r**2 + 1))
+    assert not is_power_law(G * m1 * m2 * sp.exp(-r / 8) / r**2)
+    assert not is_power_law(G * m1 * m2 * (1 / r**2 + 1.5 / r**3))
+    assert not is_power_law(m1 * m2 / r**2 * sp.Symbol("k"))                 # a foreign symbol
+    # a power law sympy leaves in an exp: numerically, local exponents constant at every point
+    law = sp.exp(sp.Float(2.0) + sp.Float(1.5) * sp.log(r) + sp.log(m1), evaluate=False)
+    X = galaxy(0, 200)
+    assert is_power_law(law, X=X)
+    assert not is_power_law(sp.exp(sp.Float(2.0) + r / 8, evaluate=False) * m1, X=X)
+
+
+@pytest.mark.parametrize("name,law", [
+    # softened gravity with a small softening length: over r in 0.3..40 AU the local power-law exponents
+    # are within 0.02 of (-2, 1, 1), but the data at r < 1 AU show the softening clearly
+    ("softened_small_eps", lambda r, m1, m2: G * m1 * m2 / (r**2 + 0.12**2)),
+    # screened with a long screening length: local exponent of r about -2.03
+    ("screened_long_lambda", lambda r, m1, m2: G * m1 * m2 * sp.exp(-r / 350) / r**2),
+    # a weak second power term
+    ("weak_second_term", lambda r, m1, m2: G * m1 * m2 * (1 / r**2 + 0.04 / r**3)),
+])
+def test_verdict_rejects_non_power_law_near_misses(name, law):
+    """A non-power law whose local power-law fit is within CI + tolerance of (-2, 1, 1) is not Newtonian
+    when it explains its data significantly better than the best C*m1*m2/r^2 (the old verdict said yes)."""
+    X = galaxy(11, 1000)
+    r, m1, m2 = sp.symbols("r m1 m2", positive=True)
+    expr = law(r, m1, m2)
+    f = sp.lambdify((r, m1, m2), expr, "numpy")
+    y = noisy(f(X[:, 0], X[:, 1], X[:, 2]), 11)
+    v = compare_to_newton(expr, X, y)
+    ex = v.exponents
+    near = all(ex[n][1] - 0.05 <= t <= ex[n][2] + 0.05 for n, t in zip(NAMES, (-2, 1, 1)))
+    assert near and v.r2_power_law > 0.99 and v.r2_newton > 0.99, (name, v.reasons)  # the near miss is real
+    assert not v.power_law and v.mse_ratio > 1.1
+    assert not v.newtonian and not v.symbolic, (name, v.reasons)
+    assert "significantly better" in v.reasons
+    # the same law judged on Newtonian data: its extra term is not supported, Newton explains as well
+    yn = noisy(newton(X), 12)
+    tiny = G * m1 * m2 / (r**2 + 1e-4)
+    v = compare_to_newton(tiny, X, yn)
+    assert v.newtonian and not v.power_law and v.mse_ratio < 1.1, v.reasons
+
+
 def test_is_symbolically_newtonian_constant_sign_and_names():
     r, m1, m2 = sp.symbols("r m1 m2", positive=True)
     assert is_symbolically_newtonian(3 * m1 * m2 * r**-2)[0]
