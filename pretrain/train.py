@@ -555,8 +555,28 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
         n_systems=int(_get(ex, "orbit_systems", 16)), text_split=corpus.val if corpus else None,
         n_windows=int(_get(ex, "text_windows", 16)), batch_size=int(_get(ex, "batch_size", 4)), device=device,
         bf16=bf16)
+    dyn_cfg = _get(tc, "dynamics", {}) or {}
+    dynamics = None
+    if _get(dyn_cfg, "enabled", True) and "bodies" not in spec.stored_arrays:
+        log.warning("dynamics not measured: dataset %s stores no bodies array (data.arrays); the report cannot "
+                    "say whether the model beats the kinematic baselines", ds_path)
+    elif _get(dyn_cfg, "enabled", True):
+        from .dynamics import evaluate_dynamics
+
+        dynamics = evaluate_dynamics(
+            raw_model, ds.tokens, getattr(ds, "positions", None) if "positions" in spec.stored_arrays else None,
+            ds.bodies if "bodies" in spec.stored_arrays else None, n_bins=n_bins,
+            coord_range=float(spec.coord_range), train_ids=source.train_ids, val_ids=source.val_ids,
+            context=orbit_len, rollout_steps=int(_get(dyn_cfg, "rollout_steps", 20)),
+            n_val=_get(dyn_cfg, "n_val", 256), n_fit=_get(dyn_cfg, "n_fit", 2048),
+            n_rollout=_get(dyn_cfg, "n_rollout", 32), batch_size=int(_get(dyn_cfg, "batch_size", 32)),
+            device=device)
+        log.info("dynamics: %s", dynamics.get("verdict"))
+    from gravprobe.report import arm_label
+
     summary = {
-        "attention": mcfg.attention.get("name"), "steps": step,
+        "attention": mcfg.attention.get("name"), "arm": arm_label(mcfg.attention), "steps": step,
+        "dynamics": dynamics,
         "loss": {k: {"first": first.get(k), "last": last[k]} for k in last},
         "length_extrapolation": extrap,
         "model": {"name": _get(cfg.model, "name"), "params": raw_model.num_params(),
