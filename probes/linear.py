@@ -187,6 +187,25 @@ def ridge_probe(X: np.ndarray, Y: np.ndarray, is_train: np.ndarray, groups: np.n
             "pred": pred_s * np.where(sy > 0, sy, 1.0) + my}
 
 
+def drop_constant_targets(targets: np.ndarray, names: Sequence[str], rows: np.ndarray, what: str
+                          ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Drop target columns that are constant (or non-finite) on the ``rows`` used for training: an R² of a
+    constant is undefined (e.g. the star mass of a fixed-star data set). Returns ``(targets, names, dropped)``
+    and logs what was dropped."""
+    names = list(names)
+    keep = []
+    for k in range(targets.shape[1]):
+        col = targets[rows, k]
+        col = col[np.isfinite(col)]
+        keep.append(bool(col.size > 1 and np.ptp(col) > 1e-12 * max(1.0, float(np.abs(col).max()))))
+    dropped = [n for n, k in zip(names, keep) if not k]
+    if not any(keep):
+        raise ValueError(f"{what}: every target {names} is constant in these data; nothing to probe")
+    if dropped:
+        log.warning("%s: target(s) %s are constant in these data and are not probed", what, dropped)
+    return targets[:, np.array(keep, bool)], [n for n, k in zip(names, keep) if k], dropped
+
+
 def _log_edges(rows: list[dict], what: str) -> None:
     edges = [f"{r['target']}@{r['layer']}({r['alpha_edge']})" for r in rows if r.get("alpha_edge")]
     if edges:
@@ -292,6 +311,7 @@ def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: st
     forces = np.asarray(ds.forces[systems], dtype=np.float64)[si, ti]
     targets = probe_targets(states, forces, names)
     is_train = np.array([s not in held_sys for s in systems[si]])
+    targets, names, _ = drop_constant_targets(targets, names, is_train, "linear probes")
     mlp = dict(cfg.get("mlp", {}) or {})
     rows = fit_probes(acts, targets, is_train, names, groups=systems[si], alphas=cfg.get("ridge_alphas"),
                       cv_folds=int(cfg.get("cv_folds", 5)), mlp=mlp, seed=seed,
@@ -339,4 +359,5 @@ def linear_report(rows: list[dict], untrained_rows: list[dict] | None, cfg) -> d
             "decodable_min_r2": float(cfg.get("decodable_min_r2", DECODABLE_MIN_R2)), "untrained_margin": margin,
             "alpha_at_edge": sorted(f"{r['target']}@{r['layer']}:{r['alpha_edge']}" for r in ridge if r["alpha_edge"]),
             "not_decodable": sorted(t for t, d in targets.items() if not d["decodable"]),
+            "constant_targets": [t for t in cfg.get("targets", TARGETS) if t not in targets],
             "targets": targets}

@@ -40,6 +40,7 @@ from gravprobe.probes.linear import (
     DECODABLE_MIN_R2,
     TARGETS,
     context_limit,
+    drop_constant_targets,
     model_inputs,
     probe_targets,
     ridge_alpha_grid,
@@ -273,6 +274,7 @@ def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
     forces = np.asarray(ds.forces[systems], dtype=np.float64)[rows, steps]
     Y = probe_targets(states, forces, names)
     is_train = np.array([s not in held_sys for s in systems])
+    Y, names, constant = drop_constant_targets(Y, names, is_train, "readouts")
 
     att = dict(cfg.get("attention", {}) or {})
     att_on = bool(att.get("enabled", True))
@@ -288,6 +290,7 @@ def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
 
     out = measure(model)
     out.update(n_systems=int(n), n_train=int(is_train.sum()), n_heldout=int((~is_train).sum()), targets=names,
+               constant_targets=constant,
                sites=site_names(model.n_layers), cv_folds=cv_folds, alphas=[float(a) for a in alphas],
                decodable_min_r2=dmin, untrained_margin=margin, seed=int(seed))
     if bool(cfg.get("untrained_control", True)):

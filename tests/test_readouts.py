@@ -182,3 +182,20 @@ def test_learned_positions_read_inside_their_context(ds):
     steps = last_planet_steps(ds.bodies[:, :24])
     assert steps.max() == 23 or (ds.bodies[:, 23] < 1).all()
     assert (steps < 24).all() and (steps >= 20).all()
+
+
+def test_constant_targets_are_dropped_not_nan(ds):
+    """A fixed star mass (as in kepler_liu) makes log m2 constant: it is listed, not probed (no NaN R²)."""
+    import json
+
+    fixed = types.SimpleNamespace(**vars(ds))
+    fixed.states = ds.states.copy()
+    fixed.states[..., 5] = 1.0
+    cfg = {"n_systems": 40, "cv_folds": 2, "ridge_alphas": [1e-2, 1.0, 1e2], "attention": {"enabled": False},
+           "targets": ["F_x", "F_y", "F_mag", "log_m2"]}
+    out = run_readouts(tiny(seed=2), fixed, cfg, seed=0)
+    assert out["constant_targets"] == ["log_m2"] and out["targets"] == ["F_x", "F_y", "F_mag"]
+    assert "log_m2" not in out["r2"]["emb"] and out["kepler"]["score"] is None and out["newton"]["score"] is not None
+    json.dumps(out, allow_nan=False)
+    with pytest.raises(ValueError, match="every target"):
+        run_readouts(tiny(seed=2), fixed, {**cfg, "targets": ["log_m2"]}, seed=0)
