@@ -212,6 +212,16 @@ def select_nearest(train_state: np.ndarray, held_state: np.ndarray, n_keep: int 
     return order, dist[order]
 
 
+def nearest_training(train_state: np.ndarray, query_state: np.ndarray) -> np.ndarray:
+    """``[Q]`` index into ``train_state`` of each query's nearest training state over *all* of them (the
+    standardised features of :func:`select_nearest`, no subsample): the neighbour the oracle sees first."""
+    from sklearn.neighbors import NearestNeighbors
+
+    sc = _scaler(train_state)
+    nn = NearestNeighbors(n_neighbors=1).fit(sc.transform(state_features(train_state)))
+    return nn.kneighbors(sc.transform(state_features(query_state)), return_distance=False)[:, 0]
+
+
 def make_galaxies(n_pool: int, size: int = 1000, seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> list[np.ndarray]:
     """One index array per seed: ``size`` distinct indices into a pool of ``n_pool`` points."""
     if size > n_pool:

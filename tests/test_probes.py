@@ -222,10 +222,12 @@ def test_missing_checkpoint_message(tmp_path):
 def test_run_probes_without_head_still_reports_controls(ds, tmp_path):
     cfg = _compose(SMALL + ["probe.head.enabled=false", "probe.linear.enabled=false",
                             "probe.oracle.truth_control=false", "probe.controls.cache_dir=null",
-                            "++probe.readouts.enabled=false"])
+                            "++probe.readouts.enabled=false", "probe.selection.max_reference=2000"])
     out = run_probes(tiny_model(), ds, cfg, tmp_path)
     assert out["galaxies"] == [] and len(out["oracle"]["galaxies"]) == 2 and "truth" not in out
-    assert out["protocol"] == "two_label" and out["selection"]["same_sequence_fraction"] > 0.9
+    sel = out["selection"]
+    assert out["protocol"] == "two_label" and sel["same_sequence_fraction"] > 0.9 and sel["reference_subsampled"]
+    assert 0.0 <= sel["same_sequence_fraction_reference"] <= 1.0
     assert len(out["memoriser"]["galaxies"]) == 2 and out["memoriser"]["applicable"]
     no_m1 = out["oracle_without_m1"]
     assert len(no_m1["galaxies"]) == 2 and "log_m_planet" not in no_m1["features"]
@@ -327,6 +329,12 @@ def test_nearest_state_reference_is_labelled_sequences_only(ds, ds_unlabelled, p
     d = np.linalg.norm(a - b, axis=1)
     np.testing.assert_allclose(d, dist, rtol=1e-9, atol=1e-12)
     same = (train.system[nearest] == held.system[order]).mean()
+    # over all training states (no subsample) the nearest one is the brute-force argmin
+    from gravprobe.probes.data import nearest_training
+    full = nearest_training(train.state, held.state[order[:40]])
+    A = sc.transform(state_features(train.state))
+    brute = np.argmin(((a[:40, None, :] - A[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(full, brute)
     if protocol == "unlabelled":
         assert not np.isin(train.system, held.system).any() and same == 0.0
     else:  # the measurement: with two labels the nearest training state is in the state's sequence
