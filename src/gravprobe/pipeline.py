@@ -271,7 +271,8 @@ def _probe_size_problems(cfg: DictConfig) -> list[str]:
                    "(two_body_force: 9,000 of 10,000)")
         return out
     k_max = max(int(x) for x in planets) if planets else 1
-    steps = (seq_len - 1) // (k_max + 1)  # time steps per sequence: each planet, then the star
+    star_token = _get(cfg, f"{fd}.star_token", True) is not False
+    steps = (seq_len - 1) // (k_max + int(star_token))  # time steps per sequence: each planet, then the star
     held = (n_sys - int(full)) * max(0, steps - int(partial or 0))
     if isinstance(size, int):
         if isinstance(n_keep, int) and size > n_keep:
