@@ -222,6 +222,9 @@ def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
                 break
     problems += _probe_size_problems(cfg)
     problems += sequence_length_problems(cfg)
+    from gravprobe.probes.pipeline import protocol_problems
+
+    problems += protocol_problems(cfg)
     if problems:
         raise PipelineConfigError("the config cannot run:\n  - " + "\n  - ".join(problems))
     return variants
@@ -358,6 +361,9 @@ def _complete(vdir: Path, section: str, vcfg: DictConfig | None = None) -> bool:
         return (vdir / "checkpoints" / "last.pt").exists()
     if section == "probes":
         pr = res["probes"]
+        if isinstance(pr.get("requested"), list) and isinstance(pr.get("done"), list):
+            # the probe stage lists what its config asked for and what it wrote (probes.pipeline.requested_parts)
+            return set(pr["requested"]) <= set(pr["done"])
 
         def sel(key: str, default: Any) -> Any:
             return default if vcfg is None else OmegaConf.select(vcfg, key, default=default)
