@@ -133,6 +133,15 @@ class RunResult:
                 return list(gals)
         return []
 
+    def control(self, name: str) -> dict:
+        """A model-independent control's section (``oracle``, ``truth``, ``oracle_without_m1``,
+        ``memoriser``; METHOD §4.4/§4.6) from whichever variant's probes hold it, ``{}`` when none does."""
+        for v in self.variants.values():
+            sec = (v.probes or {}).get(name)
+            if isinstance(sec, dict) and (sec.get("galaxies") or sec.get("note")):
+                return sec
+        return {}
+
     @property
     def problems(self) -> list[str]:
         out = list(self.missing)
@@ -446,12 +455,23 @@ def aggregate(sweep: SweepResult | RunResult) -> dict[str, dict]:
             agg[f"dynamics/{b}/loss"] = _mean_spread([(d.get(b) or {}).get("loss") for d in base])
         informative = [(sum(bool(g.get("newtonian")) for g in v.galaxies), len(v.galaxies)) for _, v in pairs
                        if v.galaxies and learned_dynamics(v)]
+        ro = [(v.probes or {}).get("readouts") or {} for _, v in pairs]
+        for score in ("newton", "kepler"):
+            agg[f"readouts/{score}"] = _mean_spread([(r.get(score) or {}).get("score") for r in ro])
+            agg[f"readouts/{score}/untrained"] = _mean_spread(
+                [((r.get("untrained") or {}).get(score) or {}).get("score") for r in ro])
+        for t in ("F_mag", "log_F_mag", "log_m1", "log_m2", "a"):
+            agg[f"readouts/{t}"] = _mean_spread([((r.get("best") or {}).get(t) or {}).get("r2") for r in ro])
+            agg[f"readouts/{t}/untrained"] = _mean_spread(
+                [((r.get("best") or {}).get(t) or {}).get("untrained_r2") for r in ro])
+        agg["counts"] = sum(bool((v.probes or {}).get("counts")) for _, v in pairs)
         agg["newtonian_informative"] = sum(c for c, _ in informative)
         agg["galaxies_informative"] = sum(n for _, n in informative)
         out[name] = agg
-    for control in ("oracle", "truth"):
-        gals = [getattr(run, control) for run in runs if getattr(run, control)]
-        if control == "truth" and not gals:
+    for control in ("oracle", "truth", "oracle_without_m1", "memoriser"):
+        gals = [run.control(control).get("galaxies") or [] for run in runs]
+        gals = [g for g in gals if g]
+        if control != "oracle" and not gals:
             continue
         out[control] = {"runs": len(gals), "newtonian": sum(bool(g.get("newtonian")) for o in gals for g in o),
                         "galaxies": sum(len(o) for o in gals),
@@ -785,6 +805,8 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
                     f"{len(run.truth)} galaxies"), ""]
             md += _md_table(GALAXY_HEADER, _galaxy_rows(run.truth))
             md.append("")
+    md += _controls_section(run)
+    md += _readouts_section(run, base, fig_dir, heading)
     preds = {n: force_predictions(v.dir) for n, v in run.variants.items() if v.dir.is_dir()}
     png = save_figure(fig_force_predictions({n: p for n, p in preds.items() if p}),
                       fig_dir / "force_pred_vs_true.png")
@@ -810,6 +832,83 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
 
 
 BASELINES = ("copy_previous", "constant_velocity", "constant_acceleration")
+CONTROLS = (("oracle", "2-NN oracle on the true state"), ("oracle_without_m1", "2-NN oracle without m1"),
+            ("truth", "true |F| with noise"), ("memoriser", "label memoriser (its own sequence's labels)"))
+
+
+def _newton_count(gals: list[dict]) -> str:
+    return f"{sum(bool(g.get('newtonian')) for g in gals)}/{len(gals)}" if gals else "—"
+
+
+def _controls_section(run: RunResult) -> list[str]:
+    """The model beside the controls that separate a world model from memorisation (METHOD §4.6)."""
+    rows = []
+    for n, v in run.variants.items():
+        pr = v.probes or {}
+        if not pr.get("galaxies") and "counts" not in pr:
+            continue
+        rows.append([f"model: {arm_of(v)}", _newton_count(v.galaxies),
+                     f"counts: {'yes' if pr.get('counts') else 'no'} — {pr.get('counts_reason', '')}"])
+    for key, title in CONTROLS:
+        sec = run.control(key)
+        if sec:
+            rows.append([title, _newton_count(sec.get("galaxies") or []), sec.get("note") or
+                         ("cached" if sec.get("cached") else "")])
+    if not rows:
+        return []
+    protocol = next((str((v.probes or {}).get("protocol")) for v in run.variants.values()
+                     if (v.probes or {}).get("protocol")), None)
+    md = [f"**Model against the controls** (protocol `{protocol}`; Newtonian galaxies):" if protocol else
+          "**Model against the controls** (Newtonian galaxies):", ""]
+    md += _md_table(["source", "newtonian", "note"], rows)
+    sel = next(((v.probes or {}).get("selection") or {} for v in run.variants.values()
+                if (v.probes or {}).get("selection")), {})
+    if sel.get("same_sequence_fraction") is not None:
+        md += ["", f"Selected states whose nearest training state lies in their own sequence: "
+                   f"{100 * float(sel['same_sequence_fraction']):.1f} %."]
+    md.append("")
+    return md
+
+
+READOUT_TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "a", "e", "lrl_x", "lrl_y", "log_m1", "log_m2")
+
+
+def _readouts_section(run: RunResult, base: Path, fig_dir: Path, heading: str) -> list[str]:
+    """Liu et al.'s last-position readouts: Newton and Kepler scores and per-target best R², each beside
+    the same probe on the untrained network."""
+    ro = {n: (v.probes or {}).get("readouts") or {} for n, v in run.variants.items()}
+    if not any(ro.values()):
+        return []
+    md = [f"{heading} Last-position readouts (Liu et al.; held-out sequences, trained vs untrained network)", ""]
+    rows = []
+    for n, r in ro.items():
+        if not r:
+            continue
+        ut = r.get("untrained") or {}
+        for score in ("newton", "kepler"):
+            sc = r.get(score) or {}
+            rows.append([n, f"{score.capitalize()} score", sc.get("score"), sc.get("site"),
+                         (ut.get(score) or {}).get("score"), sc.get("beats_untrained")])
+        for t in READOUT_TARGETS:
+            b = (r.get("best") or {}).get(t)
+            if b:
+                rows.append([n, t, b.get("r2"), b.get("site"), b.get("untrained_r2"), b.get("beats_untrained")])
+    md += _md_table(["variant", "readout", "R² (trained)", "best site", "R² (untrained)", "beats untrained"], rows)
+    md.append("")
+    for n, r in ro.items():
+        am = r.get("attention_mass") or {}
+        layers = am.get("layers") or {}
+        if not layers:
+            continue
+        ws = [str(w) for w in am.get("windows") or []]
+        uam = ((r.get("untrained") or {}).get("attention_mass") or {}).get("layers") or {}
+        md += [f"Attention mass on the last W keys, **{n}** (mean over queries; uniform row for comparison):", ""]
+        md += _md_table(["layer", *[f"W={w}" for w in ws], *[f"untrained W={w}" for w in ws]],
+                        [[f"block {i}", *[(layers[i].get("mean") or {}).get(w) for w in ws],
+                          *[((uam.get(i) or {}).get("mean") or {}).get(w) for w in ws]] for i in layers]
+                        + [["uniform", *[(am.get("uniform") or {}).get(w) for w in ws], *["" for _ in ws]]])
+        md.append("")
+    return md
 
 
 def _uninformative_warning(run: RunResult) -> list[str]:
@@ -982,7 +1081,7 @@ def sweep_overrides(runs: list[RunResult]) -> tuple[list[str], list[str]]:
 def render_sweep(sweep: SweepResult) -> str:
     base = sweep.dir
     agg = aggregate(sweep)
-    controls = [c for c in ("oracle", "truth") if c in agg]
+    controls = [c for c in ("oracle", "truth", "oracle_without_m1", "memoriser") if c in agg]
     variants = [n for n in agg if n not in controls]
     swept, common = sweep_overrides(sweep.runs)
     md = [f"# gravprobe sweep report: {sweep.dir.name}", "",
@@ -1012,15 +1111,26 @@ def render_sweep(sweep: SweepResult) -> str:
         md.append("")
     md += ["## Newton's law recovered (galaxies × seeds)", ""]
     md += _md_table(["model", "newtonian", "galaxies", "per run (mean ± sd)", "runs",
-                     "newtonian in runs that learned the dynamics"],
+                     "newtonian in runs that learned the dynamics", "runs whose result counts (beats the memoriser)"],
                     [[n, agg[n]["newtonian"], agg[n]["galaxies"], _pm(agg[n]["newtonian_per_run"]), agg[n]["runs"],
                       (f"{agg[n]['newtonian_informative']}/{agg[n]['galaxies_informative']}"
-                       if n in variants and agg[n].get("dynamics_measured") else "—")]
+                       if n in variants and agg[n].get("dynamics_measured") else "—"),
+                      f"{agg[n]['counts']}/{agg[n]['runs']}" if n in variants else "—"]
                      for n in [*variants, *controls]])
     md.append("")
     png = plot_newtonian_counts(agg, base / "figures" / "newtonian_counts.png")
     if png:
         md += [f"![newtonian counts]({_rel(png, base)})", ""]
+    if any(agg[n].get("readouts/newton", {}).get("n") for n in variants):
+        md += ["## Last-position readouts (Liu et al.; held-out sequences; mean ± sd over seeds)", "",
+               "Newton score = mean R² of F_x, F_y, |F| at the best hook site; Kepler score = mean R² of a, e and "
+               "the Laplace–Runge–Lenz vector; each beside the same probe on the untrained network.", ""]
+        cols = [("readouts/newton", "Newton score"), ("readouts/newton/untrained", "untrained"),
+                ("readouts/kepler", "Kepler score"), ("readouts/kepler/untrained", "untrained"),
+                ("readouts/log_F_mag", "log\\|F\\| R²"), ("readouts/log_m1", "log m1 R²"),
+                ("readouts/log_m1/untrained", "untrained"), ("readouts/log_m2", "log m2 R²")]
+        md += _md_table(["arm", *[c[1] for c in cols]], [[n, *[_pm(agg[n].get(k)) for k, _ in cols]] for n in variants])
+        md.append("")
     md += ["## Losses across seeds (mean ± sd, n)", ""]
     md += _md_table(["variant", *[f"{m} last" for m in MODALITIES]],
                     [[n, *[_pm(agg[n][f"loss/{m}/last"]) for m in MODALITIES]] for n in variants])
