@@ -10,12 +10,16 @@ Backends:
                  (``[B, T, H, D]`` in and out) for the variants in ``gravprobe.kernels.SUPPORTED_VARIANTS``.
                  Forced with ``backend="triton"`` it runs on any device the kernels accept, including the
                  CPU under ``TRITON_INTERPRET=1`` (used by the tests).
-    ``auto``   — ``triton`` when the inputs are on CUDA and the kernels import and support the call
-                 (variant, causal, dtype, head dim); ``torch`` otherwise.
+    ``flex``   — PyTorch FlexAttention (:mod:`gravprobe.attention.flex`) for ``softmax``, ``softplus``,
+                 ``lssa``, ``lssar``, any window (block mask): forward and backward on CUDA, forward only
+                 on the CPU.
+    ``auto``   — per (device type, variant) the first backend of :data:`AUTO_ORDER` that can run the
+                 call (Triton: no window, kernels support variant/dtype/head dim; flex: variant supported,
+                 no CPU backward); the choice and its reason are logged once.
 
 Overrides for ``auto`` (an explicit ``"torch"``/``"triton"`` argument always wins), first match:
     1. the :func:`backend_override` context manager (``with backend_override("torch"): ...``);
-    2. the environment variable ``GRAVPROBE_ATTENTION_BACKEND`` (``auto``, ``torch`` or ``triton``).
+    2. the environment variable ``GRAVPROBE_ATTENTION_BACKEND`` (``auto``, ``torch``, ``triton``, ``flex``).
 
 ``gravprobe.kernels`` is imported lazily, once, on first need; :func:`triton_available` says whether
 the kernels can run here at all, :func:`kernel_support` whether they can run a given call and why not. :func:`active_backend` says which backend the most recent call used; the
@@ -31,6 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from .eager import eager_attention
+from .flex import flex_attend, flex_support
 from .reference import _check_qkv, check_window, resolve_params
 
 logger = logging.getLogger(__name__)
@@ -47,8 +52,23 @@ __all__ = [
     "triton_available",
 ]
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton", "flex")
 ENV_VAR = "GRAVPROBE_ATTENTION_BACKEND"
+
+#: What ``auto`` tries, in order, per (device type, variant), and why (the logged reason). Device types
+#: or variants not listed run ``torch``. Source of each order: ``benchmarks/RESULTS.md``.
+AUTO_ORDER: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
+    **{("cpu", v): (("torch",), ("on the CPU the torch backend (attention/eager.py) is the fastest measured for "
+                                 "training; FlexAttention has no CPU backward and its CPU forward is not "
+                                 "measured faster"))
+       for v in ("softmax", "softplus", "lssa", "lssar", "relu", "sigmoid", "ssmax")},
+    ("cuda", "softmax"): (("torch",), ("SDPA (flash) is the yardstick FlexAttention and the kernels are "
+                                       "measured against")),
+    **{("cuda", v): (("triton", "flex", "torch"), ("Triton kernels first, then FlexAttention (with a window, "
+                                                   "which the kernels lack): default until "
+                                                   "benchmarks/gpu_check.sh has measured them on a GPU"))
+       for v in ("softplus", "lssa", "lssar")},
+}
 
 # Used when gravprobe.kernels does not define its own `supports(...)` predicate.
 _DEFAULT_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -150,14 +170,28 @@ def _log_once(key: tuple[str, str], level: int, msg: str, *args: Any) -> None:
         logger.log(level, msg, *args)
 
 
-def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backend: str = "auto",
-                   window: int | None = None) -> str:
-    """Resolve ``backend`` (``auto``/``torch``/``triton``) to the one that runs this call.
+def _can_run(name: str, q: torch.Tensor, variant: str, causal: bool, window: int | None,
+             needs_grad: bool) -> tuple[bool, str]:
+    if name == "triton":
+        if window is not None:
+            return False, f"window={window} is set (the Triton kernels have no window)"
+        return kernel_support(q, variant, causal)
+    if name == "flex":
+        return flex_support(q, variant, causal, needs_grad=needs_grad)
+    return True, ""
 
-    Raises :class:`BackendUnavailableError` when ``triton`` is forced (by argument, override or
-    environment) but the kernels cannot run the call, with the reason. A ``window`` (the Triton kernels
-    have none) resolves to ``torch`` even when ``triton`` is forced, and logs why once (issue 14 §2).
+
+def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backend: str = "auto",
+                   window: int | None = None, needs_grad: bool | None = None) -> str:
+    """Resolve ``backend`` (``auto``/``torch``/``triton``/``flex``) to the one that runs this call.
+
+    ``needs_grad`` (default: ``q.requires_grad`` with grad mode on) matters for ``flex``, which has no
+    CPU backward. Raises :class:`BackendUnavailableError` when ``triton`` or ``flex`` is forced (by
+    argument, override or environment) but cannot run the call, with the reason. A ``window`` (the
+    Triton kernels have none) resolves a forced ``triton`` to ``torch`` and logs why once (issue 14 §2).
     """
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and q.requires_grad
     global _active
     requested = _check_backend(backend, "argument backend=")
     if requested == "auto":
@@ -174,17 +208,28 @@ def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backen
                 f"attention backend 'triton' was requested but cannot run: {reason}. "
                 f"Use backend='torch' (or 'auto'), or unset {ENV_VAR}.")
         chosen = "triton"
+    elif requested == "flex":
+        ok, reason = flex_support(q, variant, causal, needs_grad=needs_grad)
+        if not ok:
+            raise BackendUnavailableError(
+                f"attention backend 'flex' was requested but cannot run: {reason}. "
+                f"Use backend='torch' (or 'auto'), or unset {ENV_VAR}.")
+        chosen = "flex"
     elif requested == "torch":
         chosen = "torch"
     else:
-        chosen = "torch"
-        if q.is_cuda and kernel_support(q, variant, causal)[0]:
-            if window is None:
-                chosen = "triton"
-            else:
-                _log_once(("window-auto", str(q.device)), logging.INFO,
-                          "attention backend: torch instead of triton on %s because window=%d is set "
-                          "(the Triton kernels have no window)", q.device, window)
+        device_type = "cuda" if q.is_cuda else q.device.type
+        order, why = AUTO_ORDER.get((device_type, variant), (("torch",), "no other backend is listed"))
+        chosen, skipped = "torch", []
+        for name in order:
+            ok, reason = _can_run(name, q, variant, causal, window, needs_grad)
+            if ok:
+                chosen = name
+                break
+            skipped.append(f"{name}: {reason}")
+        _log_once(("auto", variant, device_type, chosen, str(window is None), str(needs_grad)), logging.INFO,
+                  "attention backend auto -> %s for %s on %s (%s%s)", chosen, variant, device_type, why,
+                  "; skipped " + "; ".join(skipped) if skipped else "")
     _active = chosen
     _log_once((chosen, str(q.device)), logging.INFO,
               "attention backend: %s on device %s (first call: variant %s, dtype %s)",
@@ -193,7 +238,8 @@ def select_backend(q: torch.Tensor, variant: str, *, causal: bool = True, backen
 
 
 def active_backend() -> str | None:
-    """The backend the most recent attention call ran on (``"torch"``/``"triton"``), None before any."""
+    """The backend the most recent attention call ran on (``"torch"``/``"triton"``/``"flex"``), None before
+    any."""
     return _active
 
 
@@ -215,8 +261,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
         q, k: ``[B, T, H, D]`` queries and keys; v: ``[B, T, H, D]`` values (any T >= 1, any D).
         variant: one of ``VARIANTS`` (``softmax, softplus, lssa, lssar, relu, sigmoid, ssmax``).
         causal: row ``i`` (1-based) sees keys ``j <= i`` with ``n_i = i``; else all, ``n_i = T``.
-        backend: ``"auto"`` (Triton on CUDA when it supports the call, else torch), ``"torch"`` or
-            ``"triton"``.
+        backend: ``"auto"`` (per device and variant, :data:`AUTO_ORDER`), ``"torch"``, ``"triton"`` or
+            ``"flex"``.
         window: ``W`` >= 1 (causal only; None = full causal context): row ``i`` sees keys
             ``max(1, i-W+1) .. i`` and ``n_i = min(i, W)``. The Triton kernels have no window: such calls
             run on the torch reference (logged once).
@@ -232,8 +278,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
     resolved = resolve_params(variant, params)
     window = check_window(window, causal)
     _check_qkv(q, k, v)
-    chosen = select_backend(q, variant, causal=causal, backend=backend, window=window)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    chosen = select_backend(q, variant, causal=causal, backend=backend, window=window, needs_grad=needs_grad)
     if chosen == "triton":
         kernels, _ = _load_kernels()
         return kernels.fused_attention(q, k, v, variant, causal=causal, **resolved)
+    if chosen == "flex":
+        return flex_attend(q, k, v, variant, causal=causal, window=window, **resolved)
     return eager_attention(q, k, v, variant, causal=causal, window=window, **resolved)
