@@ -191,7 +191,7 @@ def test_cli_report_dir_and_hydra_form(tmp_path, capsys, monkeypatch):
 
     from gravprobe import cli
 
-    run_dir = write_run(tmp_path / "run", ["lssar"])
+    run_dir = write_run(tmp_path / "0_run_attention=lssar,seed=0", ["lssar"])  # a sweep job's folder name
     cli.main(["report", str(run_dir)])
     assert str(run_dir / "report.md") in capsys.readouterr().out
     (run_dir / "report.md").unlink()

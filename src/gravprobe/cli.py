@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gravprobe: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}\n", file=sys.stderr)
         print(USAGE, file=sys.stderr)
         sys.exit(2)
-    if stage == "report" and rest and not rest[0].startswith("-") and "=" not in rest[0]:
+    if stage == "report" and rest and not rest[0].startswith("-") and ("=" not in rest[0] or Path(rest[0]).is_dir()):
+        # (run folders are named after their overrides, e.g. `0_run_attention=lssa,seed=0`: an existing
+        # folder is a folder even when its name holds "=")
         # `gravprobe report DIR` rebuilds a report from files alone, no Hydra composition needed
         from gravprobe.report import report_dir
 
