@@ -48,7 +48,7 @@ def _leaves(d, prefix=""):
 
 
 def test_expected_presets_exist():
-    assert {"smoke", "cpu_study", "paper"} <= set(EXPERIMENTS)
+    assert {"smoke", "study", "liu_locality", "paper"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
