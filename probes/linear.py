@@ -322,18 +322,6 @@ def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: st
     return rows
 
 
-def compare_to_control(trained: dict, untrained: dict, margin: float) -> dict:
-    """``{target: {key: r2}}`` of a trained model and its untrained control → per target and key
-    ``{"r2", "untrained_r2", "beats_untrained"}`` with ``beats_untrained = r2 > untrained_r2 + margin``."""
-    out: dict = {}
-    for t, per in trained.items():
-        for k, r2 in per.items():
-            u = (untrained.get(t) or {}).get(k)
-            out.setdefault(t, {})[k] = {"r2": r2, "untrained_r2": u,
-                                        "beats_untrained": None if u is None else bool(r2 > u + margin)}
-    return out
-
-
 def linear_report(rows: list[dict], untrained_rows: list[dict] | None, cfg) -> dict:
     """The extra information of the ridge probes for ``results.json["probes"]["linear_probe"]`` (the R²
     table itself stays in ``probes.linear``): the grid, folds and thresholds, and per target and layer the
