@@ -555,7 +555,15 @@ def _select(rows: list[dict], selection: str, tolerance: float = 0.2) -> int:
 
 
 def _eval_fit(g: sp.Expr, fit_syms: Sequence[sp.Symbol], Xf: np.ndarray) -> np.ndarray:
-    f = sp.lambdify(list(fit_syms), g, modules="numpy")
+    """``g`` on the fit-space inputs ``Xf [N, len(fit_syms)]`` → ``[N]``; NaN where it is not a finite
+    real (including candidates sympy cannot print, e.g. with ``zoo`` from a division by a zero constant)."""
+    if g.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        return np.full(Xf.shape[0], np.nan)
+    try:
+        f = sp.lambdify(list(fit_syms), g, modules="numpy")
+    except (KeyError, TypeError, NameError) as e:
+        log.debug("cannot evaluate candidate %s: %s", g, e)
+        return np.full(Xf.shape[0], np.nan)
     with np.errstate(all="ignore"):
         out = f(*[Xf[:, i] for i in range(Xf.shape[1])])
     out = np.broadcast_to(np.asarray(out, dtype=np.complex128 if np.iscomplexobj(out) else np.float64),
