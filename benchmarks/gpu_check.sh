@@ -47,13 +47,13 @@ FAILED=()
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1 GRAVPROBE_FLEX_COMPILE=0 CUDA_VISIBLE_DEVICES=""
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  T_PYTEST=300; T_ATTN=300; T_TRAIN=300; T_FLEX=300
+  T_ENV=300; T_PYTEST=300; T_ATTN=300; T_TRAIN=300; T_FLEX=300   # generous: CI machines may be loaded
   ATTN_ARGS=(--dry-run --seq-lens 32 --impls sdpa kernel flex --variants lssar)
   TRAIN_ARGS=(--models tiny --device cpu --batch 2 --seq-len 16 --seconds 0.1 --rounds 1 --warmup 0
               --variants softmax lssar)
   FLEX_TRAIN=0                  # FlexAttention has no CPU backward: its training stage is GPU-only
 else
-  T_PYTEST=120; T_ATTN=180; T_TRAIN=60; T_FLEX=75      # + 15 + 30 for stage 1: 480 s at most
+  T_ENV=30; T_PYTEST=120; T_ATTN=180; T_TRAIN=60; T_FLEX=75   # + 15 for nvidia-smi: 480 s at most
   ATTN_ARGS=(--device cuda --seq-lens 1024 2048 4096 8192 16384 --head-dim 64 --heads 16 --tokens 32768
              --dtype bfloat16 --impls sdpa kernel flex --warmup 3 --repeats 10)
   TRAIN_ARGS=(--models vafa109m --device cuda --batch 8 --seconds 6 --rounds 1 --warmup 2
@@ -86,7 +86,7 @@ run() {
 
 section "1. Environment"
 if [[ $DRY == 0 ]]; then run nvidia-smi 15 nvidia-smi; fi
-run versions 30 "$PY" -c "import platform, torch, triton; print('python', platform.python_version()); \
+run versions "$T_ENV" "$PY" -c "import platform, torch, triton; print('python', platform.python_version()); \
 print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); \
 print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 
