@@ -269,3 +269,20 @@ def test_arm_label():
     assert report.arm_label({"name": "softmax", "window": None}) == "softmax"
     assert report.arm_label({"name": "softmax", "window": 2}) == "softmax w=2"
     assert report.arm_label({"name": "lssar", "params": {"sharpen_power": 3}}) == "lssar p=3"
+
+
+def test_sweep_prints_the_literature_beside_ours(tmp_path):
+    from test_report_fixtures import write_sweep
+
+    sweep = write_sweep(tmp_path / "sweep", variants=("softmax",), seeds=(0, 1))
+    for i, d in enumerate(sorted(p for p in sweep.iterdir() if p.is_dir())):
+        res = json.loads((d / "results.json").read_text())
+        res["config"]["report"] = {"literature": {"softmax": {"F_mag": 0.96}, "softmax w=2": {"F_mag": 1.0}}}
+        (d / "results.json").write_text(json.dumps(res))
+        vres = json.loads((d / "softmax" / "results.json").read_text())
+        vres["probes"]["readouts"] = {"best": {"F_mag": {"r2": 0.90 + 0.02 * i, "untrained_r2": 0.5}}}
+        (d / "softmax" / "results.json").write_text(json.dumps(vres))
+    md = report.report_dir(sweep).read_text()
+    lit = md.split("## The literature beside ours", 1)[1].split("\n## ", 1)[0]
+    assert "| softmax | F_mag | 0.960 | 0.910 ± 0.014 (n=2) | 0.500 ± 0.000 (n=2) |" in lit
+    assert "| softmax w=2 | F_mag | 1.000 | not run | — |" in lit

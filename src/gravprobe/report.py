@@ -1131,6 +1131,7 @@ def render_sweep(sweep: SweepResult) -> str:
                 ("readouts/log_m1/untrained", "untrained"), ("readouts/log_m2", "log m2 R²")]
         md += _md_table(["arm", *[c[1] for c in cols]], [[n, *[_pm(agg[n].get(k)) for k, _ in cols]] for n in variants])
         md.append("")
+    md += _literature_section(sweep, agg, variants)
     md += ["## Losses across seeds (mean ± sd, n)", ""]
     md += _md_table(["variant", *[f"{m} last" for m in MODALITIES]],
                     [[n, *[_pm(agg[n][f"loss/{m}/last"]) for m in MODALITIES]] for n in variants])
@@ -1166,6 +1167,32 @@ def render_sweep(sweep: SweepResult) -> str:
                       e["r2_newton"]] for e in equations_table(sweep)])
     md.append("")
     return "\n".join(md) + "\n"
+
+
+def _literature_section(sweep: SweepResult, agg: dict, variants: list[str]) -> list[str]:
+    """Published numbers (``report.literature`` of the runs' config: ``{arm: {target: R²}}``) beside ours
+    (the readouts' best-site held-out R², mean ± sd over seeds, and the untrained network's)."""
+    lit: dict = {}
+    for r in sweep.runs:
+        lit.update(((r.config or {}).get("report") or {}).get("literature") or {})
+    if not lit:
+        return []
+    rows = []
+    for arm, vals in lit.items():
+        for target, theirs in (vals or {}).items():
+            mine = agg.get(arm, {})
+            ours = _mean_spread([(((v.probes or {}).get("readouts") or {}).get("best") or {}).get(target, {}).get("r2")
+                                 for r in sweep.runs for v in r.variants.values() if arm_of(v) == arm])
+            unt = _mean_spread([(((v.probes or {}).get("readouts") or {}).get("best") or {}).get(target, {})
+                                .get("untrained_r2") for r in sweep.runs for v in r.variants.values()
+                                if arm_of(v) == arm])
+            rows.append([arm, target, theirs, _pm(ours) if mine else "not run", _pm(unt) if mine else "—"])
+    md = ["## The literature beside ours", "",
+          "Published best-site last-position R² (report.literature) beside this sweep's readouts (held-out "
+          "sequences; the literature's probes are in-sample) and the same probe on the untrained network.", ""]
+    md += _md_table(["arm", "readout", "literature", "ours (mean ± sd)", "ours, untrained network"], rows)
+    md.append("")
+    return md
 
 
 def _pm(s: dict | None) -> str:
