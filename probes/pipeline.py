@@ -28,6 +28,7 @@ Torch and the model are imported only inside the functions that need them.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -140,15 +141,35 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _regression_code_digest() -> str:
+    """sha256 of the code that turns values into verdicts (``symbolic.py``, ``verdict.py``) and the SR
+    engines' versions, so that a cache written by other code is not reused."""
+    from importlib import metadata
+
+    from gravprobe.probes import symbolic, verdict
+
+    h = hashlib.sha256()
+    for mod in (symbolic, verdict):
+        h.update(Path(mod.__file__).read_bytes())
+    for dist in ("pyoperon", "pysr", "sympy"):
+        try:
+            h.update(f"{dist}={metadata.version(dist)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{dist}=none".encode())
+    return h.hexdigest()
+
+
 def controls_cache_key(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
                        sr_kwargs: dict, verdict_kwargs: dict | None) -> str:
     """sha256 of everything a control's laws depend on: the pool's SR inputs ``X [P, 3]``, the values
-    ``y [P]``, the galaxies (indices into the pool) and their seeds, the SR settings and the verdict
-    thresholds. ``X``/``y``/galaxies are themselves functions of the force dataset, the protocol, the
-    selection settings and the seed, so the key covers those without naming them, and cannot go stale."""
+    ``y [P]``, the galaxies (indices into the pool) and their seeds, the SR settings, the verdict
+    thresholds and the regression code (:func:`_regression_code_digest`). ``X``/``y``/galaxies are
+    themselves functions of the force dataset, the protocol, the selection settings and the seed, so the
+    key covers those without naming them, and cannot go stale."""
     data = _digest(np.asarray(X, np.float64), np.asarray(y, np.float64),
                    *[np.asarray(g, np.int64) for g in galaxies])
-    payload = {"version": CONTROLS_CACHE_VERSION, "data": data,
+    payload = {"version": CONTROLS_CACHE_VERSION, "data": data, "code": _regression_code_digest(),
                "seeds": [int(s) for s in seeds], "sr": sr_kwargs, "verdict": verdict_kwargs or {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

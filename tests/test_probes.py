@@ -283,7 +283,7 @@ def test_force_head_vector_protocol(ds):
 
 
 # ------------------------------------------------------------- protocols and controls (METHOD §4.6)
-SR_QUICK = {"backend": "operon", "n_threads": 2, "generations": 10, "population_size": 200}
+SR_QUICK = {"backend": "operon", "n_threads": 1, "generations": 10, "population_size": 200, "transform": "log"}
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +426,9 @@ def test_controls_cache_hit_is_identical_and_fits_nothing(ds, tmp_path, monkeypa
     with pytest.raises(AssertionError, match="cache hit"):
         pipeline.recover_laws_cached(pool.sr_inputs, y * 1.01, gals, seeds, SR_QUICK, cache_dir=cache,
                                      tag="oracle")
+    monkeypatch.setattr(pipeline, "_regression_code_digest", lambda: "other regression code")
+    with pytest.raises(AssertionError, match="cache hit"):
+        pipeline.recover_laws_cached(pool.sr_inputs, y, gals, seeds, SR_QUICK, cache_dir=cache, tag="oracle")
     # a corrupt file is ignored and rewritten
     monkeypatch.undo()
     files[0].write_text("{not json")
