@@ -225,7 +225,8 @@ def environment() -> dict:
 
 
 def _fmt(x, spec="{:.2f}"):
-    return "OOM" if x is None else spec.format(x)
+    """``n/a``: out of memory, not supported (flex backward on the CPU) or not measured (CPU memory)."""
+    return "n/a" if x is None else spec.format(x)
 
 
 def run_gpu(args) -> list[dict]:
