@@ -214,7 +214,11 @@ def _variant_of(stage_dir: Path, name: str, expected: Iterable[str], need_checkp
             v.missing.append(f"{section} missing (no '{section}' in {stage_dir.name}/results.json)")
     if need_checkpoint and not (stage_dir / "checkpoints" / "last.pt").exists():
         v.missing.append("checkpoint missing (checkpoints/last.pt)")
-    if v.probes is not None and v.probes.get("galaxies") is not None and len(v.galaxies) == 0:
+    req, done = (v.probes or {}).get("requested"), (v.probes or {}).get("done")
+    if isinstance(req, list) and isinstance(done, list):
+        # the probe stage says what its config asked for and what it wrote: that subset is what counts
+        v.missing += [f"probes: {part} missing" for part in req if part not in done]
+    elif v.probes is not None and v.probes.get("galaxies") is not None and len(v.galaxies) == 0:
         v.missing.append("probes have no galaxies")
     return v
 
@@ -240,7 +244,9 @@ def load_run(path: str | Path) -> RunResult:
             run.missing.append("no variants named (pipeline.variants / attention.name)")
         for name in names:
             run.variants[name] = _variant_of(path / name, name, ("pretrain", "probes"), need_checkpoint=True)
-        if names and not run.oracle:
+        asked = [(v.probes or {}).get("requested") for v in run.variants.values()]
+        oracle_asked = not all(isinstance(a, list) for a in asked) or any("oracle" in a for a in asked)
+        if names and oracle_asked and not run.oracle:
             run.missing.append("oracle missing (no variant's probes hold 'oracle')")
     elif stage in ("pretrain", "probe", "variant"):
         res = results or {}
