@@ -98,6 +98,8 @@ def recover_laws(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], s
         d = {"seed": int(seed), "expression": str(res.expression), "newtonian": v.newtonian, "reasons": v.reasons,
              "exponents": v.exponents, "r2_newton": v.r2_newton, "symbolic": v.symbolic,
              "exponents_data": v.exponents_data, "r2_law": v.r2_law, "r2_power_law": v.r2_power_law,
+             "power_law": getattr(v, "power_law", None), "mse_ratio": getattr(v, "mse_ratio", None),
+             "representation": getattr(res, "representation", None),
              "backend": res.backend, "seconds": time.perf_counter() - t0}
         if out_dir is not None:
             path = res.table.to_csv(Path(out_dir) / f"equations_{tag}_galaxy{seed}.csv")
