@@ -35,7 +35,10 @@ done
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 cd "$ROOT" || exit 1
-PY="${PYTHON:-python}"
+# the interpreter: $PYTHON, else the checkout's .venv if there is one, else python on PATH
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
+else PY=python; fi
 STAMP="$(date -u +%Y%m%dT%H%MZ)"
 if [[ -z "$OUT" ]]; then
   OUT="$ROOT/benchmarks/gpu_check-$STAMP$([[ $DRY == 1 ]] && echo -dry).md"
