@@ -650,8 +650,15 @@ def main(cfg, run_dir) -> dict:
     run_dir = Path(run_dir)
     device = _device(cfg)
     ds = load_force_data(cfg)
-    model, _, ckpt = load_model(cfg, run_dir, device)
+    model, meta, ckpt = load_model(cfg, run_dir, device)
     out = run_probes(model, ds, cfg, run_dir, device=device)
+    # which model was probed: a probe-only folder names its arm from the checkpoint, not from cfg.attention
+    from gravprobe.common import update_results
+    from gravprobe.report import arm_label
+
+    att = (meta.get("model_config") or {}).get("attention") or {}
+    out = update_results(run_dir, "probes", {**out, "attention": att.get("name"), "arm": arm_label(att),
+                                             "checkpoint": str(ckpt)})["probes"]
     summary = {"checkpoint": str(ckpt),
                "newtonian_galaxies": sum(g["newtonian"] for g in out.get("galaxies", [])),
                "oracle_newtonian_galaxies": sum(g["newtonian"] for g in out.get("oracle", {}).get("galaxies", [])),

@@ -405,7 +405,7 @@ def arm_label(attention: dict | None, name: str | None = None) -> str:
 
 def arm_of(v: VariantResult) -> str:
     """The arm a variant's results belong to (``pretrain.arm``, written by training; else the name)."""
-    return str((v.pretrain or {}).get("arm") or v.name)
+    return str((v.pretrain or {}).get("arm") or (v.probes or {}).get("arm") or v.name)
 
 
 def dynamics_of(v: VariantResult) -> dict:
