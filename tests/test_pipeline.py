@@ -270,3 +270,9 @@ def test_pretrained_run_can_be_probed_with_other_probe_settings(monkeypatch, tmp
     with pytest.raises(pipeline.PipelineConfigError, match="train.steps"):
         pipeline.main(make_cfg("experiment=smoke", "pipeline.report=false", "probe.head.steps=7",
                                "train.steps=31"), run_dir)
+
+
+def test_variant_config_carries_the_window():
+    cfg = make_cfg("experiment=smoke", "attention=softmax", "attention.window=3")
+    assert pipeline.variant_config(cfg, "lssar").attention.window == 3
+    assert pipeline.variant_config(make_cfg("experiment=smoke"), "lssa").attention.window is None

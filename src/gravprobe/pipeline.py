@@ -132,6 +132,8 @@ def variant_config(cfg: DictConfig, name: str) -> DictConfig:
     node = OmegaConf.create(path.read_text())
     if "backend" in cfg.attention and "backend" in node:
         node.backend = cfg.attention.backend  # the backend choice (e.g. attention.backend=torch) is for all
+    if cfg.attention.get("window") is not None and node.get("window") is None:
+        node.window = cfg.attention.window    # so is a context window (attention.window=W on the command line)
     with open_dict(out):
         out.attention = node
     return out
