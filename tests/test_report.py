@@ -286,3 +286,15 @@ def test_sweep_prints_the_literature_beside_ours(tmp_path):
     lit = md.split("## The literature beside ours", 1)[1].split("\n## ", 1)[0]
     assert "| softmax | F_mag | 0.960 | 0.910 ± 0.014 (n=2) | 0.500 ± 0.000 (n=2) |" in lit
     assert "| softmax w=2 | F_mag | 1.000 | not run | — |" in lit
+
+
+def test_negative_probe_r2_reads_not_decodable(tmp_path):
+    run_dir = write_run(tmp_path / "run", ["softmax"])
+    res = json.loads((run_dir / "softmax" / "results.json").read_text())
+    res["probes"]["linear"]["log_F_mag"] = {"0": -394.0, "1": -0.2, "2": 0.01}
+    (run_dir / "softmax" / "results.json").write_text(json.dumps(res))
+    md = report.report_dir(run_dir).read_text()
+    assert "| log_F_mag | not decodable (-394.00) | not decodable (-0.20) | not decodable (0.01) |" in md
+    summary = md.split("## Summary", 1)[1].split("##", 1)[0]
+    assert "-394" not in summary  # the best layer of log|F| is 0.01: not decodable
+    assert "not decodable (0.01)" in summary

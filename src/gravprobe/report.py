@@ -390,6 +390,17 @@ def _isnum(s: str) -> bool:
         return False
 
 
+DECODABLE_MIN_R2 = 0.05  # probes.linear's default: a held-out R² below it is "not decodable" (issue 10)
+
+
+def _decodable(r2: Any) -> Any:
+    """A held-out R² as the report shows it: below ``DECODABLE_MIN_R2`` it reads "not decodable" (the number
+    beside it), never as a large negative score."""
+    if isinstance(r2, (int, float)) and math.isfinite(r2) and r2 < DECODABLE_MIN_R2:
+        return f"not decodable ({_fmt(r2, 2)})"
+    return r2
+
+
 def arm_label(attention: dict | None, name: str | None = None) -> str:
     """A study arm's name from its attention config: the variant, plus its window and sharpening power
     (``"softmax"``, ``"softmax w=2"``, ``"lssar p=3"``), so that arms of one variant stay apart in a sweep."""
@@ -785,7 +796,8 @@ def _run_sections(run: RunResult, base: Path, fig_dir: Path, heading: str = "##"
             layers = _length_keys([d for d in table.values() if isinstance(d, dict)])
             md += [f"**{name}**", ""]
             md += _md_table(["target", *[f"L{k}" for k in layers]],
-                            [[t, *[(d or {}).get(k) for k in layers]] for t, d in table.items() if isinstance(d, dict)])
+                            [[t, *[_decodable((d or {}).get(k)) for k in layers]] for t, d in table.items()
+                             if isinstance(d, dict)])
             md.append("")
         png = plot_probe_r2(lin, fig_dir / "probe_r2.png")
         if png:
@@ -1033,7 +1045,8 @@ def summary_table(run: RunResult) -> list[dict]:
             row[f"{mod} max x"] = keys[-1] if keys else None
         linear = (v.probes or {}).get("linear") or {}
         lin = linear.get("log_F_mag") or linear.get("F_mag") or {}
-        row["best R² log|F|"] = max((x for x in lin.values() if isinstance(x, (int, float))), default=None)
+        best = max((x for x in lin.values() if isinstance(x, (int, float))), default=None)
+        row["best R² log|F|"] = _decodable(best)
         row["newtonian"] = f"{sum(bool(g.get('newtonian')) for g in v.galaxies)}/{len(v.galaxies)}" if v.galaxies \
             else None
         row["learned dynamics"] = {True: "yes", False: "no (probes uninformative)"}.get(learned_dynamics(v))
