@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from gravprobe.common import code_version, output_root, update_results
+from gravprobe.common import arm_label, code_version, output_root, update_results
 
 from .data import DatasetMismatchError, MixedBatches, OrbitSource
 from .evaluate import length_extrapolation, mean_loss, n_targets, plot_length_extrapolation, plot_loss_curves
-from .model import GPT, GPTConfig
+from .model import GPT, ORBIT_TARGETS, GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,6 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision={precision!r}; choose auto, bf16 or fp32")
     bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    from .model import ORBIT_TARGETS
-
     if str(_get(tc, "orbit_loss", "all")) not in ORBIT_TARGETS:
         raise ValueError(f"train.orbit_loss={_get(tc, 'orbit_loss')!r}; choose one of {ORBIT_TARGETS}")
     if is_main:
@@ -572,8 +570,6 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
             n_rollout=_get(dyn_cfg, "n_rollout", 32), batch_size=int(_get(dyn_cfg, "batch_size", 32)),
             device=device)
         log.info("dynamics: %s", dynamics.get("verdict"))
-    from gravprobe.report import arm_label
-
     summary = {
         "attention": mcfg.attention.get("name"), "arm": arm_label(mcfg.attention), "steps": step,
         "dynamics": dynamics,

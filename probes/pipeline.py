@@ -653,8 +653,7 @@ def main(cfg, run_dir) -> dict:
     model, meta, ckpt = load_model(cfg, run_dir, device)
     out = run_probes(model, ds, cfg, run_dir, device=device)
     # which model was probed: a probe-only folder names its arm from the checkpoint, not from cfg.attention
-    from gravprobe.common import update_results
-    from gravprobe.report import arm_label
+    from gravprobe.common import arm_label, update_results
 
     att = (meta.get("model_config") or {}).get("attention") or {}
     out = update_results(run_dir, "probes", {**out, "attention": att.get("name"), "arm": arm_label(att),

@@ -78,3 +78,17 @@ def update_results(run_dir: str | os.PathLike, section: str, value: Any) -> dict
     results[section] = value
     atomic_write_json(path, results)
     return results
+
+
+def arm_label(attention: dict | None, name: str | None = None) -> str:
+    """A study arm's name from its attention config: the variant, plus its window and sharpening power
+    (``"softmax"``, ``"softmax w=2"``, ``"lssar p=3"``), so that arms of one variant stay apart in a sweep.
+    Written by training and the probe stage into ``results.json`` and read by the report."""
+    att = attention or {}
+    label = str(att.get("name") or name or "model")
+    if att.get("window"):
+        label += f" w={att['window']}"
+    p = (att.get("params") or {}).get("sharpen_power")
+    if label.startswith("lssar") and p is not None:
+        label += f" p={p:g}" if isinstance(p, (int, float)) else f" p={p}"
+    return label

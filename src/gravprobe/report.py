@@ -61,6 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gravprobe.common import arm_label  # noqa: F401  (re-exported: the report's name for an arm)
+
 log = logging.getLogger(__name__)
 
 LENGTH_KEYS_ORDER = ("1", "2", "4", "8", "16", "32", "64")
@@ -399,19 +401,6 @@ def _decodable(r2: Any) -> Any:
     if isinstance(r2, (int, float)) and math.isfinite(r2) and r2 < DECODABLE_MIN_R2:
         return f"not decodable ({_fmt(r2, 2)})"
     return r2
-
-
-def arm_label(attention: dict | None, name: str | None = None) -> str:
-    """A study arm's name from its attention config: the variant, plus its window and sharpening power
-    (``"softmax"``, ``"softmax w=2"``, ``"lssar p=3"``), so that arms of one variant stay apart in a sweep."""
-    att = attention or {}
-    label = str(att.get("name") or name or "model")
-    if att.get("window"):
-        label += f" w={att['window']}"
-    p = (att.get("params") or {}).get("sharpen_power")
-    if label.startswith("lssar") and p is not None:
-        label += f" p={_fmt(p)}"
-    return label
 
 
 def arm_of(v: VariantResult) -> str:
