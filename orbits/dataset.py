@@ -860,9 +860,9 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
     nproc = min(len(todo), workers if workers and workers > 0 else (os.cpu_count() or 1)) or 1
     log.info("generating %s: %d of %d shards to write (%d systems, seq_len %d) with %d process(es) -> %s",
              spec.name, len(todo), spec.n_shards, spec.n_systems, spec.seq_len, nproc, out)
-    from tqdm.auto import tqdm
+    from gravprobe.common import progress as progress_bar
 
-    bar = tqdm(total=len(todo), desc=f"generate {spec.name}", unit="shard", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"generate {spec.name}", unit="shard", disable=not progress)
     spec_dict = spec.to_dict()
     try:
         if nproc == 1:

@@ -328,7 +328,7 @@ def _build_cache(text_cfg: Any, path: Path, key: dict, tok_name: str, encoding: 
     import shutil
     import tempfile
 
-    from tqdm.auto import tqdm
+    from gravprobe.common import progress
 
     tok = get_tokenizer(tok_name, encoding)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -351,7 +351,7 @@ def _build_cache(text_cfg: Any, path: Path, key: dict, tok_name: str, encoding: 
 
     try:
         log.info("tokenising text corpus (%s, tokenizer=%s) into %s", key["fingerprint"]["source"], tok_name, path)
-        for i, doc in enumerate(tqdm(documents(text_cfg), desc="text corpus", unit="doc", leave=False)):
+        for i, doc in enumerate(progress(documents(text_cfg), desc="text corpus", unit="doc", leave=False)):
             doc = doc.strip()
             if not doc:
                 continue

@@ -293,7 +293,7 @@ def main(cfg: Any, run_dir: str | Path) -> dict:
 
 
 def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
-    from tqdm.auto import tqdm
+    from gravprobe.common import progress
 
     is_main = dist.rank == 0
     seed = int(cfg.seed)
@@ -457,7 +457,7 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     clip = float(_get(tc, "grad_clip", 0.0) or 0.0)
     last_good = step if resume_from is not None else None
     model.train()
-    bar = tqdm(total=stop, initial=step, desc=f"pretrain {mcfg.attention.get('name')}", disable=not is_main,
+    bar = progress(total=stop, initial=step, desc=f"pretrain {mcfg.attention.get('name')}", disable=not is_main,
                dynamic_ncols=True)
     # The step's objective: per modality the mean loss over all its target tokens in the global batch,
     # weighted by the modality's share of sequences. Token counts are summed over micro-batches and ranks

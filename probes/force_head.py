@@ -67,7 +67,7 @@ def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.
     ``query_mask [len(query_systems), T]`` (e.g. the held-out steps). ``cfg`` is the ``probe.head`` node:
     ``protocol, lr, steps, batch_size, weight_decay, warmup, grad_clip, betas, freeze_trunk``."""
     torch = _torch()
-    from tqdm.auto import tqdm
+    from gravprobe.common import progress
 
     protocol = str(cfg.get("protocol", "magnitude"))
     # every random draw of the fine-tuning follows from ``seed``, seeded before anything is drawn: the head's
@@ -110,7 +110,7 @@ def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.
     model.train()
     head.train()
     losses = []
-    bar = tqdm(range(steps), desc=f"force head ({protocol})", leave=False)
+    bar = progress(range(steps), desc=f"force head ({protocol})", leave=False)
     for i in bar:
         pick = torch.randint(len(train_systems), (min(bs, len(train_systems)),), generator=gen).numpy()
         sy = train_systems[pick]

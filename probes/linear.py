@@ -72,7 +72,7 @@ def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, 
     steps); returns ``{layer: [M, C] float32}`` in row-major order of ``(system, step)`` over the mask. Each
     batch's input stops after its last selected step (exact for a causal model)."""
     import torch
-    from tqdm.auto import tqdm
+    from gravprobe.common import progress
 
     n_all = model.n_layers + 1
     layers = list(range(n_all)) if layers is None else [int(l) for l in layers]
@@ -82,7 +82,7 @@ def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, 
     out: dict[int, list[np.ndarray]] = {l: [] for l in layers}
     model.eval()
     with torch.no_grad():
-        for b in tqdm(range(0, len(systems), batch_size), desc="activations", leave=False):
+        for b in progress(range(0, len(systems), batch_size), desc="activations", leave=False):
             sl = slice(b, b + batch_size)
             mb = np.asarray(steps_mask[sl], dtype=bool)
             cols = np.flatnonzero(mb.any(0))

@@ -1,9 +1,12 @@
 """Small utilities shared by every stage: the output root, atomic writes, checksums, code version."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,25 +41,89 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half."""
+class StorageError(OSError):
+    """A file could not be written or read for a reason outside gravprobe: a full disk, a read-only or
+    missing folder, missing permissions. The message names the path, what was being written, the bytes
+    needed where known, and the fix."""
+
+
+_FIXES = {
+    errno.ENOSPC: "free space there or point the output root elsewhere (GRAVPROBE_HOME=PATH, or out=PATH for generate)",
+    errno.EDQUOT: "free space within your quota or point the output root elsewhere (GRAVPROBE_HOME=PATH)",
+    errno.EROFS: "the file system is read-only: set GRAVPROBE_HOME (or out=PATH for generate) to a writable folder",
+    errno.EACCES: "you may not write there: set GRAVPROBE_HOME (or out=PATH for generate) to a folder you own",
+    errno.EPERM: "you may not write there: set GRAVPROBE_HOME (or out=PATH for generate) to a folder you own",
+}
+
+
+def storage_error(exc: OSError, path: str | os.PathLike, what: str = "a file",
+                  needed: int | None = None) -> StorageError:
+    """Turn a raw ``OSError`` from writing ``path`` into a :class:`StorageError` that a person can act on."""
+    need = f" ({human_bytes(needed)} needed)" if needed else ""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    fix = _FIXES.get(exc.errno, "check that the folder exists and is writable")
+    err = StorageError(exc.errno or 0, f"cannot write {what} at {path}{need}: {reason}; {fix}")
+    err.filename = str(path)
+    return err
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def check_free_space(path: str | os.PathLike, needed: int, what: str, margin: float = 1.1) -> None:
+    """Raise :class:`StorageError` before any work if the file system holding ``path`` has less than
+    ``needed`` bytes (times a safety ``margin``) free."""
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # cannot tell: let the write itself report
+    if free < needed * margin:
+        raise StorageError(errno.ENOSPC, f"not enough free space for {what} at {path}: {human_bytes(needed)} "
+                                         f"needed, {human_bytes(free)} free; {_FIXES[errno.ENOSPC]}")
+
+
+def _file_mode() -> int:
+    """The mode an ordinary ``open()`` would give a new file (0666 minus the umask): ``mkstemp`` makes
+    files 0600, which would keep datasets and run folders shared between users unreadable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, what: str = "a file") -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never half. The
+    temporary file is removed on any failure; a full or read-only disk raises :class:`StorageError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise storage_error(e, path, what, len(data)) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, StorageError):
+            raise storage_error(e, path, what, len(data)) from e
         raise
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike, obj: Any, what: str = "a file") -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode(), what)
 
 
 def _json_default(o: Any) -> Any:
@@ -92,3 +159,81 @@ def arm_label(attention: dict | None, name: str | None = None) -> str:
     if label.startswith("lssar") and p is not None:
         label += f" p={p:g}" if isinstance(p, (int, float)) else f" p={p}"
     return label
+
+
+class _LogProgress:
+    """tqdm's small interface (iterate, ``update``, ``set_postfix``, ``close``, context manager) for output
+    that is not a terminal: a log line at most every ``interval`` seconds (and at the end) instead of one
+    bar redraw per step, so that Hydra's log, CI and ``nohup`` files stay readable."""
+
+    def __init__(self, iterable=None, *, total=None, desc="", unit="it", initial=0, disable=False,
+                 interval: float = 30.0, **_ignored) -> None:
+        import time
+
+        self._time = time.monotonic
+        self.iterable, self.desc, self.unit, self.disable = iterable, desc, unit, disable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n, self.interval = total, initial, interval
+        self._start = self._last = self._time()
+        self._start_n, self._postfix, self._closed = initial, "", False
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self._postfix = s
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        items = dict(ordered_dict or {}, **kwargs)
+        self._postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def set_description(self, desc: str = "", refresh: bool = True) -> None:
+        self.desc = desc
+
+    def _line(self) -> str:
+        rate = (self.n - self._start_n) / max(self._time() - self._start, 1e-9)
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        pct = f" ({100 * self.n / self.total:.0f} %)" if self.total else ""
+        post = f" {self._postfix}" if self._postfix else ""
+        return f"{self.desc}: {done} {self.unit}{pct}, {rate:.3g} {self.unit}/s{post}"
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = self._time()
+        if not self.disable and now - self._last >= self.interval:
+            self._last = now
+            logging.getLogger("gravprobe.progress").info(self._line())
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self._closed and not self.disable and self.n > self._start_n:
+            logging.getLogger("gravprobe.progress").info(self._line() + " - done")
+        self._closed = True
+
+
+def progress(iterable=None, **kwargs):
+    """A progress bar on a terminal (tqdm), a log line every ``interval`` seconds (default 30) elsewhere.
+    Takes tqdm's arguments (``total``, ``desc``, ``unit``, ``initial``, ``disable``, ``leave``). Set
+    ``GRAVPROBE_PROGRESS=bar`` or ``=log`` to choose regardless of the terminal."""
+    import sys
+
+    mode = os.environ.get("GRAVPROBE_PROGRESS", "").lower()
+    tty = sys.stderr.isatty() if hasattr(sys.stderr, "isatty") else False
+    if mode == "bar" or (mode != "log" and tty):
+        from tqdm.auto import tqdm
+
+        kwargs.pop("interval", None)
+        return tqdm(iterable, **kwargs)
+    return _LogProgress(iterable, **kwargs)
