@@ -3,11 +3,10 @@
 Public API:
     GPT, GPTConfig                          — the model (``hidden_states``, ``encode``, ``d_model``, ``n_layers``)
     load_checkpoint(path, map_location)     — ``(model, meta)`` from ``run_dir/checkpoints/last.pt``
-    plot_length_extrapolation(results, path) — loss vs length, one line per variant
     load_text_corpus(cfg.text, home)        — tokenised, memory-mapped language data
     train.main(cfg, run_dir)                — the ``gravprobe pretrain`` stage
 """
-from .evaluate import length_extrapolation, plot_length_extrapolation, plot_loss_curves
+from .evaluate import length_extrapolation
 from .model import GPT, GPTConfig, SequenceTooLongError
 from .text import ByteTokenizer, TextDataError, get_tokenizer, load_text_corpus
 from .train import NonFiniteLossError, load_checkpoint, save_checkpoint
@@ -23,7 +22,5 @@ __all__ = [
     "length_extrapolation",
     "load_checkpoint",
     "load_text_corpus",
-    "plot_length_extrapolation",
-    "plot_loss_curves",
     "save_checkpoint",
 ]

@@ -10,8 +10,9 @@
 3. trains with deterministic mixed batches (``pretrain/data.py``), gradient clipping, bf16 autocast on CUDA,
    a progress bar, metrics per modality in ``run_dir/metrics.csv`` (and TensorBoard if installed),
    validation every ``eval_every`` steps and atomic checkpoints every ``ckpt_every`` steps;
-4. evaluates length extrapolation and writes ``results.json["pretrain"]``, ``loss_curves.png`` and
-   ``length_extrapolation.png``.
+4. evaluates length extrapolation and writes ``results.json["pretrain"]`` (numbers only: the report,
+   ``gravprobe.report.draw_figures``, draws the loss curves and length-extrapolation figures from
+   ``metrics.csv`` and ``results.json``).
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) it runs DDP (NCCL on CUDA, gloo on CPU); rank 0 writes all files.
 """
@@ -35,7 +36,7 @@ from torch import nn
 from gravprobe.common import arm_label, code_version, output_root, update_results
 
 from .data import DatasetMismatchError, MixedBatches, OrbitSource
-from .evaluate import length_extrapolation, mean_loss, n_targets, plot_length_extrapolation, plot_loss_curves
+from .evaluate import length_extrapolation, mean_loss, n_targets
 from .model import GPT, ORBIT_TARGETS, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -581,10 +582,7 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
         "text_ratio": text_ratio, "tokens": tokens_seen * dist.world,
         "wall_s": round(wall_before + time.time() - t0, 2), "checkpoint": str(ckpt_path),
     }
-    update_results(run_dir, "pretrain", summary)
-    plot_loss_curves(run_dir / "metrics.csv", run_dir / "loss_curves.png", title=f"{summary['attention']}")
-    if extrap:
-        plot_length_extrapolation({summary["attention"]: summary}, run_dir / "length_extrapolation.png")
+    update_results(run_dir, "pretrain", summary)   # figures: gravprobe.report.draw_figures(run_dir)
     return {"checkpoint": str(ckpt_path), "steps": step, "loss": summary["loss"], "length_extrapolation": extrap}
 
 

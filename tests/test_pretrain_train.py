@@ -62,8 +62,12 @@ def test_few_steps_lower_both_losses_and_write_results(home, tmp_path):
         assert set(res["length_extrapolation"][mod]) == {"1", "2"}
         assert all(v > 0 for v in res["length_extrapolation"][mod].values())
     assert out["steps"] == 25
-    for f in ("metrics.csv", "loss_curves.png", "length_extrapolation.png", "checkpoints/last.pt"):
+    for f in ("metrics.csv", "results.json", "checkpoints/last.pt"):
         assert (rd / f).is_file(), f
+    assert not list(rd.glob("*.png"))                       # stages write numbers; the report draws figures
+    rows = train_rows(rd)                                   # the numbers the loss-curve figure is drawn from
+    assert sorted({int(r["step"]) for r in rows}) == list(range(1, 26))
+    assert {r["modality"] for r in rows} == {"orbits", "text"}
     model, meta = load_checkpoint(rd / "checkpoints" / "last.pt")
     assert meta["step"] == 25 and model.n_layers == 1 and model.d_model == 32
     x = torch.zeros(1, 10, 2, dtype=torch.long)
@@ -149,7 +153,7 @@ def test_learned_positions_extrapolation_is_null_beyond_context(home, tmp_path):
 
 
 def test_plot_length_extrapolation_several_variants(tmp_path):
-    from gravprobe.pretrain import plot_length_extrapolation
+    from gravprobe.pretrain.evaluate import plot_length_extrapolation   # moving to gravprobe.report (issue 12)
 
     results = {"softmax": {"length_extrapolation": {"orbits": {"1": 3.1, "2": 3.5, "4": 4.8},
                                                     "text": {"1": 3.2, "2": 4.0, "4": None}}},
