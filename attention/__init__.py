@@ -2,7 +2,9 @@
 
 Public API:
     attend(q, k, v, variant, *, causal=True, backend="auto", **params)  — ``[B, T, H, D]`` in and out
-    VARIANTS, DEFAULT_PARAMS, attention_weights(q, k, variant, ...)       — the reference
+    REGISTRY (name -> Variant: weight function, Params with defaults, learnable ones) — one declaration
+    VARIANTS, DEFAULT_PARAMS, resolve_params(variant, params)             — read from the registry
+    attention_weights(q, k, variant, ...), reference_attention(...)      — the reference
     CausalSelfAttention(d_model, n_heads, variant, ...)                  — the model's attention layer
     active_backend(), backend_override(name), triton_available()         — dispatch state and overrides
 
@@ -19,14 +21,27 @@ from .dispatch import (
     triton_available,
 )
 from .layer import CausalSelfAttention, RotaryEmbedding, apply_rotary
-from .reference import DEFAULT_PARAMS, VARIANTS, attention_weights, reference_attention, resolve_params
+from .reference import (
+    DEFAULT_PARAMS,
+    REGISTRY,
+    VARIANTS,
+    Param,
+    Variant,
+    attention_weights,
+    get_variant,
+    reference_attention,
+    resolve_params,
+)
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_PARAMS",
     "ENV_VAR",
+    "REGISTRY",
     "VARIANTS",
     "BackendUnavailableError",
+    "Param",
+    "Variant",
     "CausalSelfAttention",
     "RotaryEmbedding",
     "apply_rotary",
@@ -34,6 +49,7 @@ __all__ = [
     "attend",
     "attention_weights",
     "backend_override",
+    "get_variant",
     "reference_attention",
     "resolve_params",
     "select_backend",

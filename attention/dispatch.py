@@ -34,14 +34,15 @@ from typing import Any, Iterator
 
 import torch
 
-from .eager import eager_attention
-from .flex import flex_attend, flex_support
-from .reference import _check_qkv, check_window, resolve_params
+from .eager import _eager
+from .flex import _flex, flex_support
+from .reference import VARIANTS, _check_qkv, check_window, resolve_params
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "attend",
+    "attend_resolved",
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
@@ -61,7 +62,7 @@ AUTO_ORDER: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     **{("cpu", v): (("torch",), ("on the CPU the torch backend (attention/eager.py) is the fastest measured for "
                                  "training; FlexAttention has no CPU backward and its CPU forward is not "
                                  "measured faster"))
-       for v in ("softmax", "softplus", "lssa", "lssar", "relu", "sigmoid", "ssmax")},
+       for v in VARIANTS},
     ("cuda", "softmax"): (("torch",), ("SDPA (flash) is the yardstick FlexAttention and the kernels are "
                                        "measured against")),
     **{("cuda", v): (("triton", "flex", "torch"), ("Triton kernels first, then FlexAttention (with a window, "
@@ -259,7 +260,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
 
     Args:
         q, k: ``[B, T, H, D]`` queries and keys; v: ``[B, T, H, D]`` values (any T >= 1, any D).
-        variant: one of ``VARIANTS`` (``softmax, softplus, lssa, lssar, relu, sigmoid, ssmax``).
+        variant: one of ``VARIANTS`` (the names of :data:`gravprobe.attention.reference.REGISTRY`).
         causal: row ``i`` (1-based) sees keys ``j <= i`` with ``n_i = i``; else all, ``n_i = T``.
         backend: ``"auto"`` (per device and variant, :data:`AUTO_ORDER`), ``"torch"``, ``"triton"`` or
             ``"flex"``.
@@ -267,22 +268,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, *, c
             ``max(1, i-W+1) .. i`` and ``n_i = min(i, W)``. The Triton kernels have no window: such calls
             run on the torch reference (logged once).
         **params: the variant's parameters by name (``log_base``, ``sharpen_power``, ``offset``,
-            ``offset_until``, ``ssmax_scale``); missing ones take :data:`DEFAULT_PARAMS`; unknown ones
-            raise ``ValueError``.
+            ``offset_until``, ``ssmax_scale``); missing ones take the registry's defaults
+            (:data:`DEFAULT_PARAMS`); unknown ones raise ``ValueError``.
 
     Returns:
         ``[B, T, H, D]`` in the dtype of ``v``.
 
-    The Triton backend receives the fully resolved parameters (defaults filled in, ``log_base`` a float).
+    The parameters are resolved once, here (:func:`resolve_params`); every backend receives them resolved
+    (defaults filled in, ``log_base`` a float).
     """
     resolved = resolve_params(variant, params)
     window = check_window(window, causal)
     _check_qkv(q, k, v)
+    return attend_resolved(q, k, v, variant, resolved, causal=causal, backend=backend, window=window)
+
+
+def attend_resolved(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, params: dict[str, Any], *,
+                    causal: bool = True, backend: str = "auto", window: int | None = None) -> torch.Tensor:
+    """:func:`attend` for callers that resolved the parameters and checked the inputs themselves.
+
+    ``params`` must be :func:`resolve_params`'s result for ``variant`` (a learnable parameter may be
+    replaced by its ``[H]`` tensor) and ``window`` :func:`check_window`'s; ``q, k, v`` ``[B, T, H, D]``
+    as in :func:`attend`. Nothing is validated again: the attention layer resolves its parameters once,
+    at construction, and calls this on every forward pass.
+    """
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     chosen = select_backend(q, variant, causal=causal, backend=backend, window=window, needs_grad=needs_grad)
     if chosen == "triton":
         kernels, _ = _load_kernels()
-        return kernels.fused_attention(q, k, v, variant, causal=causal, **resolved)
+        return kernels.fused_attention(q, k, v, variant, causal=causal, **params)
     if chosen == "flex":
-        return flex_attend(q, k, v, variant, causal=causal, window=window, **resolved)
-    return eager_attention(q, k, v, variant, causal=causal, window=window, **resolved)
+        return _flex(q, k, v, variant, causal, window, params)
+    return _eager(q, k, v, variant, causal, window, params)

@@ -13,7 +13,8 @@ attention time on (``benchmarks/RESULTS.md``, "CPU training speed"):
   ``(e @ v) / z`` (the normalised weights are never formed); the backward's ``g_i . v_j - o_i . g_i`` is
   one ``baddbmm``; ``lssa``'s length scale ``ln d ln n_i`` and the QK-normalisation act on ``[B, T, H, D]``
   queries and keys (plain autograd) before the Function.
-- ``relu`` and ``sigmoid`` (not used for training) fall back to the reference.
+- every other variant of the registry (``relu`` and ``sigmoid``: not used for training; any new one) runs
+  the reference.
 
 Conventions, dtypes and parameters are those of :mod:`gravprobe.attention.reference` (float16/bfloat16
 computed in float32, returned in the input dtype; ``window`` causal only).
@@ -30,17 +31,17 @@ from .reference import (
     _NORM_EPS,
     _check_qkv,
     _compute_dtype,
+    _reference,
     _row_lengths,
     _ssmax_scale,
     _visible,
     check_window,
-    reference_attention,
     resolve_params,
 )
 
 __all__ = ["FAST_VARIANTS", "eager_attention"]
 
-#: Variants with a fast path here; the others run :func:`reference_attention`.
+#: Variants with a fast path here; every other variant of the registry runs the reference.
 FAST_VARIANTS: tuple[str, ...] = ("softmax", "softplus", "lssa", "lssar", "ssmax")
 
 
@@ -307,10 +308,15 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: 
         Differentiable in q, k, v (and a tensor ``ssmax_scale``).
     """
     _check_qkv(q, k, v)
-    p = resolve_params(variant, params)
-    window = check_window(window, causal)
+    return _eager(q, k, v, variant, causal, check_window(window, causal), resolve_params(variant, params))
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, causal: bool, window: int | None,
+           p: dict[str, Any]) -> torch.Tensor:
+    """:func:`eager_attention` for checked inputs, a checked window and resolved params ``p``
+    (:func:`gravprobe.attention.resolve_params`): what :func:`gravprobe.attention.attend` calls."""
     if variant not in FAST_VARIANTS:
-        return reference_attention(q, k, v, variant, causal=causal, window=window, **p)
+        return _reference(q, k, v, variant, causal, window, p)
     B, T, H, D = q.shape
     dtype = _compute_dtype(q.dtype)
     out_dtype = v.dtype

@@ -133,8 +133,13 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str,
         in float32); float64 is computed as given.
     """
     _check_qkv(q, k, v)
-    p = resolve_params(variant, params)
-    window = check_window(window, causal)
+    return _flex(q, k, v, variant, causal, check_window(window, causal), resolve_params(variant, params))
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, causal: bool, window: int | None,
+          p: dict[str, Any]) -> torch.Tensor:
+    """:func:`flex_attend` for checked inputs, a checked window and resolved params ``p``
+    (:func:`gravprobe.attention.resolve_params`): what :func:`gravprobe.attention.attend` calls."""
     if variant not in FLEX_VARIANTS:
         raise ValueError(f"the flex backend implements {', '.join(FLEX_VARIANTS)}, not {variant!r}")
     T, D = q.shape[1], q.shape[3]

@@ -1,8 +1,9 @@
 """The model's attention layer: projections, rotary positions, the variant by name, the backend by attend.
 
 Everything attention-related that the GPT needs lives here (DESIGN.md: the model holds no attention
-math): q/k/v and output projections, RoPE on q and k, the learnable per-head ``ssmax`` scale, and the
-call to :func:`gravprobe.attention.attend`, which picks the backend. QK-normalisation of ``lssa`` and
+math): q/k/v and output projections, RoPE on q and k, the variant's learnable parameters (those the
+registry marks ``learnable``, e.g. ``ssmax``'s per-head scale), and the call to the dispatch, which picks
+the backend. The variant's parameters are resolved once, at construction. QK-normalisation of ``lssa`` and
 ``lssar`` happens inside the variant (reference and kernels), after RoPE — a rotation, so it does not
 change the norms.
 """
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dispatch import BACKENDS, attend, select_backend
-from .reference import VARIANTS, attention_weights, check_window, resolve_params
+from .dispatch import BACKENDS, attend_resolved, select_backend
+from .reference import VARIANTS, _weights, check_window, get_variant, resolve_params
 
 __all__ = ["CausalSelfAttention", "RotaryEmbedding", "apply_rotary"]
 
@@ -81,8 +82,10 @@ class CausalSelfAttention(nn.Module):
         n_heads: number of heads H.
         variant: one of :data:`gravprobe.attention.VARIANTS`.
         params: the variant's parameters by name (``sharpen_power``, ``offset``, ``offset_until``,
-            ``log_base``; for ``ssmax`` an optional ``ssmax_scale`` = the initial value of the learnable
-            per-head scale, default 1). Missing ones take the defaults; unknown ones raise ``ValueError``.
+            ``log_base``, ...: see :data:`gravprobe.attention.reference.REGISTRY`). Missing ones take the
+            defaults; unknown ones raise ``ValueError``. A parameter the registry marks ``learnable`` (e.g.
+            ``ssmax_scale``) becomes an ``nn.Parameter`` of that name, shape ``[n_heads]``, initialised to
+            the given value (default: the registry's).
         rope: apply rotary position embeddings to q and k (else the model must add positions itself).
         rope_base: RoPE frequency base.
         bias: biases in the q/k/v and output projections.
@@ -99,17 +102,17 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if n_heads < 1 or d_model < 1 or d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown attention variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
+        spec = get_variant(variant)                                      # ValueError naming the choices
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.variant, self.backend = variant, backend
         self.window = check_window(window, True, where="attention.window")
-        resolved = resolve_params(variant, params)
-        if variant == "ssmax":
-            init = torch.as_tensor(resolved.pop("ssmax_scale"), dtype=torch.float32)
-            self.ssmax_scale = nn.Parameter(torch.ones(n_heads) * init)   # c per head (METHOD §2)
+        resolved = resolve_params(variant, params)                       # once: forward reuses it
+        self.learnable = spec.learnable                                   # e.g. ssmax's c per head (METHOD §2)
+        for name in self.learnable:
+            init = torch.as_tensor(resolved.pop(name), dtype=torch.float32)
+            self.register_parameter(name, nn.Parameter(torch.ones(n_heads) * init))
         self.params = resolved                                            # fixed (non-learnable) ones
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
@@ -163,8 +166,8 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, k)
         params = dict(self.params)
-        if self.variant == "ssmax":
-            params["ssmax_scale"] = self.ssmax_scale
+        for name in self.learnable:
+            params[name] = getattr(self, name)
         return q, k, v, params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +175,7 @@ class CausalSelfAttention(nn.Module):
         ``window`` of them when a window is set)."""
         q, k, v, params = self._qkv_params(x)
         B, T, C = x.shape
-        y = attend(q, k, v, self.variant, causal=True, backend=self.backend, window=self.window, **params)
+        y = attend_resolved(q, k, v, self.variant, params, causal=True, backend=self.backend, window=self.window)
         return self.out(y.reshape(B, T, C))
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +188,7 @@ class CausalSelfAttention(nn.Module):
         For analysis (probes), not for training: it materialises ``[B, H, T, T]``.
         """
         q, k, _, params = self._qkv_params(x)
-        return attention_weights(q, k, self.variant, causal=True, window=self.window, **params)
+        return _weights(q, k, self.variant, True, self.window, params)
 
     def extra_repr(self) -> str:
         shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params.items())

@@ -33,7 +33,8 @@ import platform
 import time
 
 import torch
-from gravprobe.attention import VARIANTS, dispatch, reference_attention
+from gravprobe.attention import VARIANTS, dispatch
+from gravprobe.attention.reference import _reference
 from gravprobe.pretrain.model import GPT
 from gravprobe.pretrain.train import make_optimizer, model_config
 
@@ -78,9 +79,9 @@ class Runner:
 
     def step(self) -> None:
         # the "old code" runner: backend="torch" as it was before attention/eager.py (the plain reference)
-        fast = dispatch.eager_attention
+        fast = dispatch._eager                  # the torch backend, called with resolved params
         if self.reference:
-            dispatch.eager_attention = reference_attention
+            dispatch._eager = _reference
         try:
             self.opt.zero_grad(set_to_none=True)
             with (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -90,7 +91,7 @@ class Runner:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
         finally:
-            dispatch.eager_attention = fast
+            dispatch._eager = fast
 
     def window(self, seconds: float) -> float:
         if self.device.type == "cuda":
