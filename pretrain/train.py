@@ -3,7 +3,7 @@
 ``main(cfg, run_dir)`` (called by the CLI with the composed Hydra config):
 
 1. ensures the orbit dataset of ``cfg.data`` (``gravprobe.orbits.ensure_dataset`` under
-   ``dataset_dir(spec, cfg.seed)``, or the existing folder ``cfg.train.dataset``) and, when
+   ``dataset_path(spec, seed, home, out)``, or the existing folder ``cfg.train.dataset``) and, when
    ``train.text_ratio > 0``, the tokenised text corpus of ``cfg.text``;
 2. builds the model (``cfg.model`` + ``cfg.attention``), AdamW (warm-up + cosine), and resumes from
    ``run_dir/checkpoints/last.pt`` when present (``train.resume=auto``);
@@ -26,6 +26,7 @@ import os
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +36,33 @@ from torch import nn
 
 from gravprobe.common import arm_label, code_version, output_root, update_results
 
+from .checkpoint import (  # CHECKPOINT_FORMAT, load_checkpoint: still importable from here
+    CHECKPOINT_FORMAT,  # noqa: F401
+    LAST,
+    CheckpointError,
+    check_checkpoint_space,
+    describe_nonfinite,
+    estimate_checkpoint_bytes,
+    load_checkpoint,  # noqa: F401
+    newest_good_checkpoint,
+    nonfinite_tensors,
+    read_checkpoint,
+    save_checkpoint,
+    sweep_temporary_files,
+)
 from .data import DatasetMismatchError, MixedBatches, OrbitSource
 from .evaluate import length_extrapolation, mean_loss, n_targets
 from .model import GPT, ORBIT_TARGETS, GPTConfig
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
 METRIC_FIELDS = ["step", "split", "modality", "loss", "lr", "tokens", "wall_s"]
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN/inf; the last good checkpoint is kept."""
+    """Training diverged: the loss, the gradient norm, the weights or the optimiser state became NaN/inf.
+    Raised before the step is applied or the checkpoint written, so every kept checkpoint stays good; the
+    message names the step, the last good checkpoint and what to change."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -154,7 +170,7 @@ def model_config(cfg: Any, orbit_vocab: int, text_vocab: int) -> GPTConfig:
                      attention=_container(cfg.attention))
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
+# ---------------------------------------------------------------------------------------- RNG states
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -166,42 +182,6 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: a reader sees the old
-    checkpoint or the complete new one, never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[GPT, dict]:
-    """Rebuild the trained model from a checkpoint -> ``(model in eval mode, meta)``.
-
-    ``meta`` holds everything but the weights and optimiser state: ``model_config``, ``config`` (the
-    resolved run config), ``step``, ``dataset`` (path, spec, n_bins), ``text`` (tokenizer, vocab), ...
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; run `gravprobe pretrain` first or pass checkpoint=PATH")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a gravprobe pretrain checkpoint (format {ckpt.get('format')!r})")
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    model.to(map_location if not isinstance(map_location, dict) else "cpu").eval()
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "rng")}
-    return model, meta
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -249,9 +229,9 @@ class _Metrics:
 
 # ------------------------------------------------------------------------------------------------- main
 def _ensure_orbits(cfg: Any, dist: _Dist):
-    from gravprobe.orbits import DatasetSpec, dataset_dir, ensure_dataset, load_dataset
+    from gravprobe.orbits import config_dataset_path, ensure_dataset, load_dataset
 
-    spec = DatasetSpec.from_config(cfg.data)
+    spec, default_path = config_dataset_path(cfg, "data")  # ${home}/data/<name>-<hash8>-s<seed>, or out=
     explicit = _get(cfg.train, "dataset")
     if explicit:
         path = Path(explicit).expanduser()
@@ -259,7 +239,7 @@ def _ensure_orbits(cfg: Any, dist: _Dist):
             raise DatasetMismatchError(f"train.dataset={path} holds no orbit dataset (no manifest.json); run "
                                        f"`gravprobe generate out={path}` or set train.dataset=null")
     else:
-        path = dataset_dir(spec, cfg.seed)
+        path = default_path
         if dist.rank == 0:
             ensure_dataset(spec, path, seed=cfg.seed, workers=int(_get(cfg, "workers", 0) or 0))
         dist.barrier()
@@ -281,21 +261,134 @@ def _ensure_orbits(cfg: Any, dist: _Dist):
 def main(cfg: Any, run_dir: str | Path) -> dict:
     """Pretrain per ``cfg`` into ``run_dir``; returns ``{"checkpoint", "steps", "loss", "length_extrapolation"}``."""
     run_dir = Path(run_dir)
-    tc = cfg.train
     dist = _Dist(str(_get(cfg, "device", "auto")))
     if dist.ddp:  # Hydra's timestamped run folder can differ between processes by a second: use rank 0's
         shared = [str(run_dir)]
         torch.distributed.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
     try:
-        return _train(cfg, tc, run_dir, dist)
+        return _train(cfg, run_dir, dist)
     finally:
         dist.close()
 
 
-def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
+def _train(cfg: Any, run_dir: Path, dist: _Dist) -> dict:
+    """The training loop: set up, resume, step (log, validate, checkpoint) until ``train.steps`` or
+    ``train.stop_at``, then the final evaluation."""
     from gravprobe.common import progress
 
+    run = _setup(cfg, run_dir, dist)
+    _resume(run)
+    _wrap_ddp(run)
+    tc = cfg.train
+    steps = int(tc.steps)
+    stop_at = _get(tc, "stop_at")
+    stop = min(steps, int(stop_at)) if stop_at is not None else steps
+    eval_every, ckpt_every = int(_get(tc, "eval_every", 0) or 0), int(_get(tc, "ckpt_every", 0) or 0)
+    log_every = max(1, int(_get(tc, "log_every", 10) or 1))
+    metrics = _Metrics(run_dir, run.is_main, run.step if run.resumed else None)
+    run.t0 = time.time()
+    if run.step == 0 and run.is_main:
+        run.first = run.evaluate()
+        metrics.log(0, "val", run.first, run.scheduler.get_last_lr()[0], 0, 0.0)
+        log.info("step 0: val %s", _fmt(run.first))
+    run.model.train()
+    bar = progress(total=stop, initial=run.step, desc=f"pretrain {run.mcfg.attention.get('name')}",
+                   disable=not run.is_main, dynamic_ncols=True)
+    sums = torch.zeros(4, dtype=torch.float64)   # orbit loss*tokens, orbit tokens, text loss*tokens, text tokens
+    try:
+        while run.step < stop:
+            lr = run.scheduler.get_last_lr()[0]
+            sums += _train_step(run)
+            bar.update(1)
+            if run.step % log_every == 0 or run.step == stop:
+                avg = _mean_losses(sums)
+                metrics.log(run.step, "train", avg, lr, run.tokens_seen * dist.world, run.wall())
+                bar.set_postfix({k: f"{v:.3f}" for k, v in avg.items()})
+                sums.zero_()
+            if eval_every and run.step % eval_every == 0 and run.step != stop and run.is_main:
+                val = run.evaluate()
+                metrics.log(run.step, "val", val, lr, run.tokens_seen * dist.world, run.wall())
+                log.info("step %d: val %s", run.step, _fmt(val))
+            if (ckpt_every and run.step % ckpt_every == 0) or run.step == stop:
+                _checkpoint(run)
+        bar.close()
+        if stop < steps:
+            if run.is_main:
+                log.info("stopped at step %d of %d (train.stop_at); resume with the same run folder", stop, steps)
+            return {"checkpoint": str(run.ckpt_path), "steps": run.step, "stopped": True}
+        if not run.is_main:
+            return {"checkpoint": str(run.ckpt_path), "steps": run.step}
+        return _finish(run, metrics)
+    finally:
+        bar.close()
+        metrics.close()
+
+
+@dataclass
+class _Run:
+    """One pretraining run in memory: what :func:`_setup` builds and the counters the loop advances."""
+
+    cfg: Any
+    run_dir: Path
+    dist: _Dist
+    bf16: bool
+    spec: Any                      # the DatasetSpec trained on
+    ds_path: Path
+    ds: Any                        # the loaded orbit dataset
+    corpus: Any                    # the text corpus, or None (orbits only)
+    mcfg: GPTConfig
+    orbit_len: int
+    text_len: int
+    source: OrbitSource
+    batches: MixedBatches
+    raw_model: GPT
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    model: nn.Module = None        # the DDP wrapper under torchrun (``_wrap_ddp``), else ``raw_model``
+    step: int = 0                  # optimiser steps taken
+    first: dict = field(default_factory=dict)   # the step-0 validation loss per modality
+    tokens_seen: int = 0           # training tokens of this process
+    wall_before: float = 0.0       # seconds spent before the resumed checkpoint
+    t0: float = field(default_factory=time.time)
+    resumed: bool = False
+    last_good: tuple[Path, int] | None = None   # the newest checkpoint known to be good: (path, step)
+    val_orbits: list = field(default_factory=list)
+    val_text: list = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.rank == 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoints" / LAST
+
+    @property
+    def orbit_loss(self) -> str:
+        return str(_get(self.cfg.train, "orbit_loss", "all"))
+
+    @property
+    def data_meta(self) -> dict:
+        return {"path": str(self.ds_path), "spec": self.spec.to_dict(), "spec_hash": self.spec.spec_hash(),
+                "n_bins": int(self.spec.n_bins), "seed": int(self.cfg.seed), "seq_len": int(self.ds.tokens.shape[1])}
+
+    def wall(self) -> float:
+        """Training seconds so far, including those before a resume."""
+        return self.wall_before + time.time() - self.t0
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss per modality on the fixed validation batches."""
+        res = {"orbits": mean_loss(self.raw_model, self.val_orbits, "orbits", self.dist.device, self.bf16,
+                                   self.orbit_loss)}
+        if self.val_text:
+            res["text"] = mean_loss(self.raw_model, self.val_text, "text", self.dist.device, self.bf16)
+        return res
+
+
+def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
+    """Check the training options, load the data, build the model, AdamW and the schedule (fresh weights)."""
+    tc = cfg.train
     is_main = dist.rank == 0
     seed = int(cfg.seed)
     device = dist.device
@@ -337,8 +430,7 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     if text_ratio > 0 and batches.n_text == 0:
         log.warning("train.text_ratio=%g of train.batch_size=%d rounds to 0 text sequences per batch; no text "
                     "is trained (raise one of them)", text_ratio, int(tc.batch_size))
-    accum = int(_get(tc, "grad_accum", 1))
-    batches.micro_batches(0, dist.rank, dist.world, accum)  # validates divisibility early
+    batches.micro_batches(0, dist.rank, dist.world, int(_get(tc, "grad_accum", 1)))  # validates divisibility early
 
     # ---- model, optimiser, schedule
     torch.manual_seed(seed)            # the same initial weights in every process
@@ -358,47 +450,100 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
     lr_factor(0, warmup, steps, min_ratio, schedule, drop_at)  # validates the schedule name before any work
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio, schedule, drop_at))
+    n_val = int(_get(tc, "eval_batches", 4))
+    return _Run(cfg=cfg, run_dir=run_dir, dist=dist, bf16=bf16, spec=spec, ds_path=ds_path, ds=ds, corpus=corpus,
+                mcfg=mcfg, orbit_len=orbit_len, text_len=text_len, source=source, batches=batches,
+                raw_model=model, optimizer=optimizer, scheduler=scheduler, model=model,
+                val_orbits=batches.val_orbit_batches(n_val, max(1, int(tc.batch_size) - batches.n_text)),
+                val_text=batches.val_text_batches(n_val, max(1, batches.n_text)))
 
-    # ---- resume
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
+
+def _resume(run: _Run) -> None:
+    """Continue from a checkpoint per ``train.resume`` and prepare the checkpoint folder.
+
+    ``auto``: the newest kept checkpoint that verifies (``last.pt``, else ``prev.pt``, saying why), or a
+    fresh start when the run has none; ``true``: the same, but one must exist; ``false``: a fresh start;
+    a PATH: that file, which must verify. Restores weights, optimiser, schedule, counters and every
+    process's RNG state, so the run continues exactly as if never stopped. Rank 0 also removes the
+    temporary files of a killed checkpoint write and checks that the disk can hold the checkpoints to come.
+    """
+    tc = run.cfg.train
+    ckpt_dir = run.ckpt_path.parent
+    if run.is_main:
+        sweep_temporary_files(ckpt_dir)
     resume = _get(tc, "resume", "auto")
-    resume_from: Path | None = None
+    path: Path | None = None
+    ckpt: dict | None = None
     if isinstance(resume, str) and resume not in ("auto", "true", "false", "True", "False"):
-        resume_from = Path(resume).expanduser()
-        if not resume_from.is_file():
-            raise FileNotFoundError(f"train.resume={resume_from} does not exist")
-    elif resume in (True, "true", "True"):
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"train.resume=true but {ckpt_path} does not exist")
-        resume_from = ckpt_path
-    elif resume == "auto" and ckpt_path.is_file():
-        resume_from = ckpt_path
-    step, first = 0, {}
-    tokens_seen, wall_before = 0, 0.0
-    data_meta = {"path": str(ds_path), "spec": spec.to_dict(), "spec_hash": spec.spec_hash(), "n_bins": n_bins,
-                 "seed": seed, "seq_len": int(ds.tokens.shape[1])}
-    if resume_from is not None:
-        ckpt = torch.load(resume_from, map_location="cpu", weights_only=False)
-        if ckpt.get("model_config") != mcfg.to_dict():
-            diff = {k: (ckpt.get("model_config", {}).get(k), v) for k, v in mcfg.to_dict().items()
-                    if ckpt.get("model_config", {}).get(k) != v}
-            raise ValueError(f"cannot resume {resume_from}: model config differs (checkpoint, now): {diff}")
-        if ckpt["dataset"]["spec_hash"] != data_meta["spec_hash"] or ckpt["dataset"]["seed"] != seed:
-            raise DatasetMismatchError(f"cannot resume {resume_from}: it was trained on dataset "
-                                       f"{ckpt['dataset']['path']} (spec {ckpt['dataset']['spec_hash'][:8]}, "
-                                       f"seed {ckpt['dataset']['seed']}), the config now names {ds_path}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        step, first = int(ckpt["step"]), dict(ckpt.get("first_val_loss", {}))
-        tokens_seen, wall_before = int(ckpt.get("tokens", 0)), float(ckpt.get("wall_s", 0.0))
-        rngs = ckpt.get("rng") or []
-        if rngs:
-            _set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-        if is_main:
-            log.info("resumed from %s at step %d", resume_from, step)
-    raw_model = model
-    if dist.ddp:
+        path = Path(resume).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"train.resume={path} does not exist")
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"train.resume={path}: {e}; pass another checkpoint, or train.resume=auto for "
+                                  f"the newest one of {ckpt_dir} that verifies") from e
+    elif resume in (True, "true", "True", "auto"):
+        path, ckpt = _newest_good(run, ckpt_dir)
+        if path is None and resume != "auto":
+            raise FileNotFoundError(f"train.resume=true but {run.ckpt_path} does not exist")
+    if ckpt is not None:
+        _restore(run, path, ckpt)
+    if run.is_main:
+        check_checkpoint_space(ckpt_dir, estimate_checkpoint_bytes(run.raw_model))
+
+
+def _newest_good(run: _Run, ckpt_dir: Path) -> tuple[Path | None, dict | None]:
+    """Rank 0 picks the newest kept checkpoint that verifies (moving damaged ones aside) and says why when
+    it is not ``last.pt``; every other rank then reads the same file."""
+    ckpt = None
+    choice: list[Any] = [None, []]
+    if run.is_main:
+        path, ckpt, problems = newest_good_checkpoint(ckpt_dir, move_damaged=True)
+        choice = [str(path) if path else None, problems]
+    if run.dist.ddp:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    chosen, problems = choice
+    if chosen is None and problems:
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} verifies: {'; '.join(problems)}. Start again with "
+                              "train.resume=false or in a new run folder")
+    if chosen is None:
+        return None, None
+    if ckpt is None:
+        ckpt = read_checkpoint(chosen)
+    elif problems:
+        log.warning("resuming from %s (step %d), the newest checkpoint that verifies: %s", chosen, ckpt["step"],
+                    "; ".join(problems))
+    return Path(chosen), ckpt
+
+
+def _restore(run: _Run, path: Path, ckpt: dict) -> None:
+    """Load a verified checkpoint's states into the run after checking it fits the model and the data."""
+    data_meta = run.data_meta
+    if ckpt.get("model_config") != run.mcfg.to_dict():
+        diff = {k: (ckpt.get("model_config", {}).get(k), v) for k, v in run.mcfg.to_dict().items()
+                if ckpt.get("model_config", {}).get(k) != v}
+        raise ValueError(f"cannot resume {path}: model config differs (checkpoint, now): {diff}")
+    if ckpt["dataset"]["spec_hash"] != data_meta["spec_hash"] or ckpt["dataset"]["seed"] != data_meta["seed"]:
+        raise DatasetMismatchError(f"cannot resume {path}: it was trained on dataset "
+                                   f"{ckpt['dataset']['path']} (spec {ckpt['dataset']['spec_hash'][:8]}, "
+                                   f"seed {ckpt['dataset']['seed']}), the config now names {run.ds_path}")
+    run.raw_model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.step, run.first = int(ckpt["step"]), dict(ckpt.get("first_val_loss", {}))
+    run.tokens_seen, run.wall_before = int(ckpt.get("tokens", 0)), float(ckpt.get("wall_s", 0.0))
+    rngs = ckpt.get("rng") or []
+    if rngs:
+        _set_rng_state(rngs[run.dist.rank] if run.dist.rank < len(rngs) else rngs[0])
+    run.resumed, run.last_good = True, (path, run.step)
+    if run.is_main:
+        log.info("resumed from %s at step %d", path, run.step)
+
+
+def _wrap_ddp(run: _Run) -> None:
+    """Under torchrun: wrap the model in DDP (after a resume loaded the plain model's weights)."""
+    if run.dist.ddp:
         # broadcast_buffers=False: the only buffers are RoPE cos/sin caches that each process grows on demand
         # (rank 0 evaluates alone, so their sizes differ); find_unused_parameters: a process's micro-batch
         # may hold no sequence of one modality.
@@ -407,183 +552,187 @@ def _train(cfg: Any, tc: Any, run_dir: Path, dist: _Dist) -> dict:
         no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                            inspect.signature(nn.parallel.DistributedDataParallel).parameters
                            else {"broadcast_buffers": False})
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=corpus is not None, **no_sync_buffers)
+        device = run.dist.device
+        run.model = nn.parallel.DistributedDataParallel(
+            run.raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=run.corpus is not None, **no_sync_buffers)
 
-    metrics = _Metrics(run_dir, is_main, step if resume_from is not None else None)
-    eval_batches = int(_get(tc, "eval_batches", 4))
-    orbit_loss = str(_get(tc, "orbit_loss", "all"))
-    val_orbits = batches.val_orbit_batches(eval_batches, max(1, int(tc.batch_size) - batches.n_text))
-    val_text = batches.val_text_batches(eval_batches, max(1, batches.n_text))
 
-    def evaluate() -> dict[str, float]:
-        res = {"orbits": mean_loss(raw_model, val_orbits, "orbits", device, bf16, orbit_loss)}
-        if val_text:
-            res["text"] = mean_loss(raw_model, val_text, "text", device, bf16)
-        return res
+def _train_step(run: _Run) -> torch.Tensor:
+    """One optimiser step over the global batch of step ``run.step``; returns this step's loss sums
+    ``[orbit loss*tokens, orbit tokens, text loss*tokens, text tokens]`` (all processes).
 
-    def state(step_: int) -> dict:
-        rng = _rng_state()
-        if dist.ddp:
-            gathered: list[Any] = [None] * dist.world
-            torch.distributed.all_gather_object(gathered, rng)
-        else:
-            gathered = [rng]
-        return {"format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(), "model_config": mcfg.to_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step_,
-                "data_position": {"seed": seed, "step": step_}, "rng": gathered,
-                "config": _container(cfg), "dataset": data_meta,
-                "text": ({"tokenizer": corpus.tokenizer, "vocab_size": corpus.vocab_size, "eot": corpus.eot,
-                          "cache": str(corpus.path)} if corpus else None),
-                "orbit_len": orbit_len, "text_len": text_len if corpus else None,
-                "first_val_loss": first, "tokens": tokens_seen, "wall_s": wall_before + time.time() - t0,
-                "world_size": dist.world, "code_version": code_version()}
-
-    def checkpoint(step_: int) -> None:
-        s = state(step_)   # every rank joins the RNG gather
-        if is_main:
-            save_checkpoint(ckpt_path, s)
-        dist.barrier()
-
-    t0 = time.time()
-    if step == 0 and is_main:
-        first = evaluate()
-        metrics.log(0, "val", first, scheduler.get_last_lr()[0], 0, 0.0)
-        log.info("step 0: val %s", _fmt(first))
-    stop_at = _get(tc, "stop_at")
-    stop = min(steps, int(stop_at)) if stop_at is not None else steps
-    eval_every, ckpt_every = int(_get(tc, "eval_every", 0) or 0), int(_get(tc, "ckpt_every", 0) or 0)
-    log_every = max(1, int(_get(tc, "log_every", 10) or 1))
+    The objective: per modality the mean loss over all its target tokens in the global batch, weighted by
+    the modality's share of sequences. Token counts are summed over micro-batches and ranks first, so
+    ``grad_accum`` and DDP give the gradient of exactly this objective. Nothing is applied when the loss or
+    the gradient norm is not finite; weights that stop being finite in the update stop the run too (before
+    any checkpoint): both raise :class:`NonFiniteLossError`.
+    """
+    tc, dist, device, raw = run.cfg.train, run.dist, run.dist.device, run.raw_model
+    B, n_text = int(tc.batch_size), run.batches.n_text
+    micro = run.batches.micro_batches(run.step, dist.rank, dist.world, int(_get(tc, "grad_accum", 1)))
+    run.optimizer.zero_grad(set_to_none=True)
+    n_tok = [(n_targets(raw, mb.orbits, "orbits", run.orbit_loss), n_targets(raw, mb.text, "text")) for mb in micro]
+    counts = torch.tensor([sum(c[0] for c in n_tok), sum(c[1] for c in n_tok)], dtype=torch.float64)
+    if dist.ddp:
+        torch.distributed.all_reduce(counts)
+    weight = {"orbits": (B - n_text) / B / max(float(counts[0]), 1.0), "text": n_text / B / max(float(counts[1]), 1.0)}
+    local = torch.zeros(4, dtype=torch.float64)
+    for i, (mb, (no, nt)) in enumerate(zip(micro, n_tok)):
+        o = torch.from_numpy(mb.orbits).to(device)
+        t = torch.from_numpy(mb.text).to(device)
+        sync = contextlib.nullcontext() if (not dist.ddp or i == len(micro) - 1) else run.model.no_sync()
+        with sync:
+            with _autocast(device, run.bf16):
+                losses = run.model(orbits=o if no else o[:0], text=t if nt else t[:0], orbit_targets=run.orbit_loss)
+            n = {"orbits": no, "text": nt}
+            loss = sum(losses[k] * (n[k] * weight[k] * dist.world) for k in losses)
+            loss.backward()
+        if "orbits" in losses:
+            local[0] += float(losses["orbits"].detach()) * no
+            local[1] += no
+        if "text" in losses:
+            local[2] += float(losses["text"].detach()) * nt
+            local[3] += nt
+        run.tokens_seen += (mb.orbits.shape[1] - 1) * len(o) + (mb.text.shape[1] - 1) * len(t)
+    if dist.ddp:
+        torch.distributed.all_reduce(local)
+    step_losses = _mean_losses(local)
+    bad = [k for k, v in step_losses.items() if not math.isfinite(v)]
+    if bad:
+        raise _nonfinite(run, f"non-finite {'/'.join(bad)} training loss ({_fmt(step_losses)})")
+    params = [p for p in raw.parameters() if p.grad is not None]
+    grad_norm = nn.utils.get_total_norm([p.grad for p in params])   # the norm clipping uses: one fused pass
+    if not bool(torch.isfinite(grad_norm)):
+        raise _nonfinite(run, f"non-finite gradient norm ({float(grad_norm)}) with a finite loss "
+                              f"({_fmt(step_losses)})")
     clip = float(_get(tc, "grad_clip", 0.0) or 0.0)
-    last_good = step if resume_from is not None else None
-    model.train()
-    bar = progress(total=stop, initial=step, desc=f"pretrain {mcfg.attention.get('name')}", disable=not is_main,
-               dynamic_ncols=True)
-    # The step's objective: per modality the mean loss over all its target tokens in the global batch,
-    # weighted by the modality's share of sequences. Token counts are summed over micro-batches and ranks
-    # first, so grad_accum and DDP give the gradient of exactly this objective.
-    B = int(tc.batch_size)
-    sums = torch.zeros(4, dtype=torch.float64)   # orbit loss*tokens, orbit tokens, text loss*tokens, text tokens
-    while step < stop:
-        lr = scheduler.get_last_lr()[0]
-        micro = batches.micro_batches(step, dist.rank, dist.world, accum)
-        optimizer.zero_grad(set_to_none=True)
-        n_tok = [(n_targets(raw_model, mb.orbits, "orbits", orbit_loss), n_targets(raw_model, mb.text, "text"))
-                 for mb in micro]
-        counts = torch.tensor([sum(c[0] for c in n_tok), sum(c[1] for c in n_tok)], dtype=torch.float64)
-        if dist.ddp:
-            torch.distributed.all_reduce(counts)
-        weight = {"orbits": (B - batches.n_text) / B / max(float(counts[0]), 1.0),
-                  "text": batches.n_text / B / max(float(counts[1]), 1.0)}
-        local = torch.zeros(4, dtype=torch.float64)
-        for i, (mb, (no, nt)) in enumerate(zip(micro, n_tok)):
-            o = torch.from_numpy(mb.orbits).to(device)
-            t = torch.from_numpy(mb.text).to(device)
-            sync = contextlib.nullcontext() if (not dist.ddp or i == len(micro) - 1) else model.no_sync()
-            with sync:
-                with _autocast(device, bf16):
-                    losses = model(orbits=o if no else o[:0], text=t if nt else t[:0], orbit_targets=orbit_loss)
-                n = {"orbits": no, "text": nt}
-                loss = sum(losses[k] * (n[k] * weight[k] * dist.world) for k in losses)
-                loss.backward()
-            if "orbits" in losses:
-                local[0] += float(losses["orbits"].detach()) * no
-                local[1] += no
-            if "text" in losses:
-                local[2] += float(losses["text"].detach()) * nt
-                local[3] += nt
-            tokens_seen += (mb.orbits.shape[1] - 1) * len(o) + (mb.text.shape[1] - 1) * len(t)
-        if dist.ddp:
-            torch.distributed.all_reduce(local)
-        step_losses = {}
-        if local[1] > 0:
-            step_losses["orbits"] = float(local[0] / local[1])
-        if local[3] > 0:
-            step_losses["text"] = float(local[2] / local[3])
-        bad = [k for k, v in step_losses.items() if not math.isfinite(v)]
-        if bad:
-            where = (f"the last good checkpoint is {ckpt_path} (step {last_good})" if last_good is not None
-                     else "no checkpoint was written yet")
-            raise NonFiniteLossError(f"non-finite {'/'.join(bad)} training loss at step {step + 1} "
-                                     f"({_fmt(step_losses)}); training stopped, {where}. Lower train.lr, keep "
-                                     "train.grad_clip on, or check the data")
-        if clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        sums += local
-        bar.update(1)
-        if step % log_every == 0 or step == stop:
-            avg = {}
-            if sums[1] > 0:
-                avg["orbits"] = float(sums[0] / sums[1])
-            if sums[3] > 0:
-                avg["text"] = float(sums[2] / sums[3])
-            metrics.log(step, "train", avg, lr, tokens_seen * dist.world, wall_before + time.time() - t0)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in avg.items()})
-            sums.zero_()
-        if eval_every and step % eval_every == 0 and step != stop and is_main:
-            val = evaluate()
-            metrics.log(step, "val", val, lr, tokens_seen * dist.world, wall_before + time.time() - t0)
-            log.info("step %d: val %s", step, _fmt(val))
-        if (ckpt_every and step % ckpt_every == 0) or step == stop:
-            checkpoint(step)
-            last_good = step
-    bar.close()
-    if stop < steps:
-        metrics.close()
-        if is_main:
-            log.info("stopped at step %d of %d (train.stop_at); resume with the same run folder", stop, steps)
-        return {"checkpoint": str(ckpt_path), "steps": step, "stopped": True}
-    if not is_main:
-        metrics.close()
-        return {"checkpoint": str(ckpt_path), "steps": step}
+    if clip > 0:
+        nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    weight_max = nn.utils.get_total_norm(list(raw.parameters()), norm_type=math.inf)  # max |w|; NaN propagates
+    if not bool(torch.isfinite(weight_max)):
+        raise _nonfinite(run, f"weights that became non-finite in the update (max |w| = {float(weight_max)})",
+                         applied=True)
+    return local
 
-    # ---- final evaluation, length extrapolation, results (rank 0)
-    last = evaluate()
-    metrics.log(step, "val", last, scheduler.get_last_lr()[0], tokens_seen * dist.world,
-                wall_before + time.time() - t0)
-    metrics.close()
-    log.info("step %d: val %s", step, _fmt(last))
+
+def _mean_losses(sums: torch.Tensor) -> dict[str, float]:
+    """Per-modality mean loss from ``[orbit loss*tokens, orbit tokens, text loss*tokens, text tokens]``."""
+    out = {}
+    if sums[1] > 0:
+        out["orbits"] = float(sums[0] / sums[1])
+    if sums[3] > 0:
+        out["text"] = float(sums[2] / sums[3])
+    return out
+
+
+def _nonfinite(run: _Run, what: str, *, applied: bool = False) -> NonFiniteLossError:
+    """The error for a diverging run: the step, what was found, the last checkpoint that really is good
+    (written after the same checks, or verified on resume) and what to change."""
+    tc = run.cfg.train
+    step = run.step if applied else run.step + 1
+    if run.last_good is not None:
+        where = f"the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]}), checked finite"
+    else:
+        where = "no checkpoint was written yet"
+    done = "no checkpoint was written from it" if applied else "the step was not applied"
+    fix = (f"lower train.lr (now {float(_get(tc, 'lr', 6e-4)):g}), raise train.warmup_steps (now "
+           f"{int(_get(tc, 'warmup_steps', 0))}) or keep train.grad_clip on (now {float(_get(tc, 'grad_clip', 0) or 0):g}), "
+           "or check the data; start again in a new run folder (a resume restores the old schedule)")
+    return NonFiniteLossError(f"{what} at step {step}; training stopped and {done}; {where}. {fix}")
+
+
+def _state(run: _Run) -> dict:
+    """Everything a resume needs, as a checkpoint dict (every rank joins the RNG gather under DDP)."""
+    rng = _rng_state()
+    if run.dist.ddp:
+        gathered: list[Any] = [None] * run.dist.world
+        torch.distributed.all_gather_object(gathered, rng)
+    else:
+        gathered = [rng]
+    corpus = run.corpus
+    return {"model": run.raw_model.state_dict(), "model_config": run.mcfg.to_dict(),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": run.step,
+            "data_position": {"seed": int(run.cfg.seed), "step": run.step}, "rng": gathered,
+            "config": _container(run.cfg), "dataset": run.data_meta,
+            "text": ({"tokenizer": corpus.tokenizer, "vocab_size": corpus.vocab_size, "eot": corpus.eot,
+                      "cache": str(corpus.path)} if corpus else None),
+            "orbit_len": run.orbit_len, "text_len": run.text_len if corpus else None,
+            "first_val_loss": run.first, "tokens": run.tokens_seen, "wall_s": run.wall(),
+            "world_size": run.dist.world, "code_version": code_version()}
+
+
+def _checkpoint(run: _Run) -> None:
+    """Write ``checkpoints/last.pt`` (the previous one kept as ``prev.pt``) once the weights and the optimiser
+    state are checked finite; a non-finite state raises :class:`NonFiniteLossError` and writes nothing."""
+    state = _state(run)
+    weights, optim = nonfinite_tensors(state)
+    if weights or optim:
+        raise _nonfinite(run, f"{describe_nonfinite(weights, optim)} before writing the checkpoint", applied=True)
+    error = None
+    if run.is_main:
+        try:
+            save_checkpoint(run.ckpt_path, state)
+        except OSError as e:   # StorageError: path, bytes needed, fix
+            error = e
+    if run.dist.ddp:   # every rank learns whether rank 0's write worked (instead of waiting at a barrier)
+        flag = [str(error) if error else None]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        if flag[0] and error is None:
+            raise RuntimeError(f"rank 0 could not write the checkpoint: {flag[0]}")
+    if error is not None:
+        raise error
+    run.last_good = (run.ckpt_path, run.step)
+
+
+def _finish(run: _Run, metrics: _Metrics) -> dict:
+    """Rank 0 after the last step: final validation, length extrapolation, the dynamics check, and
+    ``results.json["pretrain"]`` (numbers only; ``gravprobe.report.draw_figures`` draws the figures)."""
+    tc, spec, corpus, device = run.cfg.train, run.spec, run.corpus, run.dist.device
+    last = run.evaluate()
+    metrics.log(run.step, "val", last, run.scheduler.get_last_lr()[0], run.tokens_seen * run.dist.world, run.wall())
+    log.info("step %d: val %s", run.step, _fmt(last))
     ex = _get(tc, "extrapolation", {}) or {}
     extrap = length_extrapolation(
-        raw_model, factors=list(_get(ex, "factors", [1, 2, 4, 8, 16]) or []), orbit_len=orbit_len,
-        text_len=text_len if corpus else None, spec=spec, seed=seed + int(_get(ex, "seed_offset", 1000003)),
-        n_systems=int(_get(ex, "orbit_systems", 16)), text_split=corpus.val if corpus else None,
-        n_windows=int(_get(ex, "text_windows", 16)), batch_size=int(_get(ex, "batch_size", 4)), device=device,
-        bf16=bf16)
+        run.raw_model, factors=list(_get(ex, "factors", [1, 2, 4, 8, 16]) or []), orbit_len=run.orbit_len,
+        text_len=run.text_len if corpus else None, spec=spec,
+        seed=int(run.cfg.seed) + int(_get(ex, "seed_offset", 1000003)), n_systems=int(_get(ex, "orbit_systems", 16)),
+        text_split=corpus.val if corpus else None, n_windows=int(_get(ex, "text_windows", 16)),
+        batch_size=int(_get(ex, "batch_size", 4)), device=device, bf16=run.bf16)
     dyn_cfg = _get(tc, "dynamics", {}) or {}
     dynamics = None
     if _get(dyn_cfg, "enabled", True) and "bodies" not in spec.stored_arrays:
         log.warning("dynamics not measured: dataset %s stores no bodies array (data.arrays); the report cannot "
-                    "say whether the model beats the kinematic baselines", ds_path)
+                    "say whether the model beats the kinematic baselines", run.ds_path)
     elif _get(dyn_cfg, "enabled", True):
         from .dynamics import evaluate_dynamics
 
+        ds = run.ds
         dynamics = evaluate_dynamics(
-            raw_model, ds.tokens, getattr(ds, "positions", None) if "positions" in spec.stored_arrays else None,
-            ds.bodies if "bodies" in spec.stored_arrays else None, n_bins=n_bins,
-            coord_range=float(spec.coord_range), train_ids=source.train_ids, val_ids=source.val_ids,
-            context=orbit_len, rollout_steps=int(_get(dyn_cfg, "rollout_steps", 20)),
+            run.raw_model, ds.tokens, getattr(ds, "positions", None) if "positions" in spec.stored_arrays else None,
+            ds.bodies if "bodies" in spec.stored_arrays else None, n_bins=int(spec.n_bins),
+            coord_range=float(spec.coord_range), train_ids=run.source.train_ids, val_ids=run.source.val_ids,
+            context=run.orbit_len, rollout_steps=int(_get(dyn_cfg, "rollout_steps", 20)),
             n_val=_get(dyn_cfg, "n_val", 256), n_fit=_get(dyn_cfg, "n_fit", 2048),
             n_rollout=_get(dyn_cfg, "n_rollout", 32), batch_size=int(_get(dyn_cfg, "batch_size", 32)),
             device=device)
         log.info("dynamics: %s", dynamics.get("verdict"))
     summary = {
-        "attention": mcfg.attention.get("name"), "arm": arm_label(mcfg.attention), "steps": step,
+        "attention": run.mcfg.attention.get("name"), "arm": arm_label(run.mcfg.attention), "steps": run.step,
         "dynamics": dynamics,
-        "loss": {k: {"first": first.get(k), "last": last[k]} for k in last},
+        "loss": {k: {"first": run.first.get(k), "last": last[k]} for k in last},
         "length_extrapolation": extrap,
-        "model": {"name": _get(cfg.model, "name"), "params": raw_model.num_params(),
-                  "params_non_embedding": raw_model.num_params(True)},
-        "orbit_context": orbit_len, "text_context": text_len if corpus else None,
-        "text_ratio": text_ratio, "tokens": tokens_seen * dist.world,
-        "wall_s": round(wall_before + time.time() - t0, 2), "checkpoint": str(ckpt_path),
+        "model": {"name": _get(run.cfg.model, "name"), "params": run.raw_model.num_params(),
+                  "params_non_embedding": run.raw_model.num_params(True)},
+        "orbit_context": run.orbit_len, "text_context": run.text_len if corpus else None,
+        "text_ratio": float(_get(tc, "text_ratio", 0.0)), "tokens": run.tokens_seen * run.dist.world,
+        "wall_s": round(run.wall(), 2), "checkpoint": str(run.ckpt_path),
     }
-    update_results(run_dir, "pretrain", summary)   # figures: gravprobe.report.draw_figures(run_dir)
-    return {"checkpoint": str(ckpt_path), "steps": step, "loss": summary["loss"], "length_extrapolation": extrap}
+    update_results(run.run_dir, "pretrain", summary)   # figures: gravprobe.report.draw_figures(run_dir)
+    return {"checkpoint": str(run.ckpt_path), "steps": run.step, "loss": summary["loss"], "length_extrapolation": extrap}
 
 
 def _autocast(device: torch.device, bf16: bool):
