@@ -10,25 +10,16 @@ Units: AU, years, solar masses, ``G = 4 pi^2``. Quick use::
     spec = DatasetSpec(name="pretrain", n_systems=64)
     arrays = generate_arrays(spec, seed=0)                     # in memory
     ds = load_dataset(ensure_dataset(spec, "/tmp/pretrain", seed=0))  # on disk, memory-mapped
+
+Modules: ``spec`` (``DatasetSpec``), ``build`` (arrays in memory), ``store`` (the folder rule
+``dataset_path``, the writer ``ensure_dataset``, the reader ``load_dataset``), ``physics``, ``priors``,
+``tokens``, ``fused``, ``generate`` (the CLI stage).
 """
-from gravprobe.orbits.dataset import (
-    ARRAYS,
-    ConcatArray,
-    DatasetError,
-    DatasetSpec,
-    OrbitDataset,
-    build_sequences,
-    dataset_dir,
-    ensure_dataset,
-    generate_arrays,
-    load_dataset,
-    repair_dataset,
-    star_wobble_bins,
-)
+from gravprobe.orbits.build import build_sequences, generate_arrays, star_wobble_bins
 from gravprobe.orbits.physics import (
-    G,
     EccentricityError,
     Elements,
+    G,
     IntegrationError,
     MassError,
     MassRatioError,
@@ -46,13 +37,60 @@ from gravprobe.orbits.physics import (
     solve_kepler,
 )
 from gravprobe.orbits.priors import DEFAULT_PRIORS, SOLAR_SYSTEM, SystemParams, sample_systems
+from gravprobe.orbits.spec import ARRAYS, DatasetSpec
+from gravprobe.orbits.store import (
+    ConcatArray,
+    DatasetBusyError,
+    DatasetError,
+    OrbitDataset,
+    config_dataset_path,
+    dataset_dir,
+    dataset_path,
+    ensure_dataset,
+    estimated_bytes,
+    load_dataset,
+    repair_dataset,
+)
 from gravprobe.orbits.tokens import OrbitTokenizer
 
 __all__ = [
-    "ARRAYS", "ConcatArray", "DatasetError", "DatasetSpec", "OrbitDataset", "build_sequences", "dataset_dir",
-    "ensure_dataset", "generate_arrays", "load_dataset", "repair_dataset", "star_wobble_bins", "G", "EccentricityError",
-    "Elements", "IntegrationError", "MassError", "MassRatioError", "PhysicsError", "PlanetarySystem",
-    "SemiMajorAxisError", "TimeStepError", "Trajectory", "elements_from_state", "gravity_force",
-    "integrate_nbody", "kepler_drift", "kepler_state", "orbital_period", "solve_kepler", "DEFAULT_PRIORS",
-    "SOLAR_SYSTEM", "SystemParams", "sample_systems", "OrbitTokenizer",
+    "ARRAYS",
+    "DEFAULT_PRIORS",
+    "SOLAR_SYSTEM",
+    "ConcatArray",
+    "DatasetBusyError",
+    "DatasetError",
+    "DatasetSpec",
+    "EccentricityError",
+    "Elements",
+    "G",
+    "IntegrationError",
+    "MassError",
+    "MassRatioError",
+    "OrbitDataset",
+    "OrbitTokenizer",
+    "PhysicsError",
+    "PlanetarySystem",
+    "SemiMajorAxisError",
+    "SystemParams",
+    "TimeStepError",
+    "Trajectory",
+    "build_sequences",
+    "config_dataset_path",
+    "dataset_dir",
+    "dataset_path",
+    "elements_from_state",
+    "ensure_dataset",
+    "estimated_bytes",
+    "generate_arrays",
+    "gravity_force",
+    "integrate_nbody",
+    "kepler_drift",
+    "kepler_state",
+    "load_dataset",
+    "orbital_period",
+    "repair_dataset",
+    "sample_systems",
+    "solve_kepler",
+    "star_wobble_bins",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from gravprobe.orbits.dataset import repair_dataset
+from gravprobe.orbits.store import repair_dataset
 
 
 def main(argv=None) -> None:

@@ -479,10 +479,10 @@ def _device(cfg) -> str:
 
 def load_force_data(cfg):
     """Ensure and open the ``cfg.force_data`` dataset (same convention as pretrain/the pipeline)."""
-    from gravprobe.orbits import DatasetSpec, dataset_dir, ensure_dataset, load_dataset
+    from gravprobe.orbits import config_dataset_path, ensure_dataset, load_dataset
 
-    spec = DatasetSpec.from_config(cfg.force_data)
-    path = ensure_dataset(spec, dataset_dir(spec, int(cfg.seed)), seed=int(cfg.seed), workers=int(_get(cfg, "workers", 0)))
+    spec, path = config_dataset_path(cfg, "force_data")  # ${home}/data/<name>-<hash8>-s<seed>, or force_out=
+    path = ensure_dataset(spec, path, seed=int(cfg.seed), workers=int(_get(cfg, "workers", 0)))
     return load_dataset(path)
 
 

@@ -18,6 +18,7 @@ from gravprobe.orbits import (
     DatasetError,
     DatasetSpec,
     dataset_dir,
+    dataset_path,
     ensure_dataset,
     generate_arrays,
     load_dataset,
@@ -351,7 +352,7 @@ def test_nbody_systems_above_tolerance_are_kept_or_redrawn(caplog):
     nb = {"energy_tolerance": tol, "max_substeps": 4, "steps_per_orbit": 4}
     keep = DatasetSpec(**base, nbody=nb)
     red = DatasetSpec(**base, nbody={**nb, "above_tolerance": "redraw", "max_redraws": 3})
-    with caplog.at_level("WARNING", logger="gravprobe.orbits.dataset"):
+    with caplog.at_level("WARNING", logger="gravprobe.orbits.build"):
         a = generate_arrays(keep, seed=1)
     high = a["energy_error"] > tol
     assert high.sum() >= 3 and "above_tolerance=redraw" in caplog.text
@@ -391,6 +392,24 @@ def test_dataset_dir_convention(tmp_path, monkeypatch):
     d = dataset_dir(spec, 5)
     assert d == tmp_path.resolve() / "data" / f"pretrain-{spec.spec_hash()[:8]}-s5"
     assert dataset_dir(spec.replace(seq_len=121), 5) != d
+    # the one rule: an explicit root (the config's home) wins over the environment, out= over both
+    assert dataset_path(spec, 5) == d
+    assert dataset_path(spec, 5, root=tmp_path / "other") == (tmp_path / "other").resolve() / d.relative_to(tmp_path.resolve())
+    assert dataset_path(spec, 5, root=tmp_path / "other", out=tmp_path / "mine") == (tmp_path / "mine").resolve()
+
+
+def test_old_module_path_still_imports():
+    """`gravprobe.orbits.dataset` was split into spec / build / store; old imports keep working."""
+    from gravprobe.orbits import build, spec, store
+    from gravprobe.orbits.dataset import DatasetSpec as OldSpec
+    from gravprobe.orbits.dataset import _layout, ensure_dataset as old_ensure
+
+    assert OldSpec is spec.DatasetSpec is DatasetSpec and old_ensure is store.ensure_dataset
+    assert _layout is build._layout
+    import gravprobe.orbits.dataset as old
+
+    with pytest.raises(AttributeError, match="re-exports"):
+        old.no_such_name
 
 
 def test_presets_compose_and_validate():
@@ -420,16 +439,22 @@ def test_generate_cli_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gravprobe.cli", "generate", *args], env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    ds = load_dataset(tmp_path / "data" / "two_body_force", verify=True)
+    (folder,) = (tmp_path / "data").iterdir()  # the folder every later stage looks in
+    assert folder.name.startswith("two_body_force-") and folder.name.endswith("-s3")
+    ds = load_dataset(folder, verify=True)
     assert ds.tokens.shape == (24, 64, 2) and ds.meta["seed"] == 3 and ds.meta["n_shards"] == 3
+    assert folder == dataset_path(ds.spec, 3, root=tmp_path)
     assert np.all(np.asarray(ds.labelled[20:]).sum(1) == 2)
     (res,) = tmp_path.glob("runs/*/*/results.json")
     summary = json.loads(res.read_text())["generate"]
-    assert summary["n_systems"] == 24 and summary["path"] == str((tmp_path / "data" / "two_body_force").resolve())
-    # same default folder, other spec: a clear error that suggests out=
+    assert summary["n_systems"] == 24 and summary["path"] == str(folder.resolve())
+    assert "find it by themselves" in summary["later_stages"] and "seed=3" in summary["later_stages"]
+    assert str(folder) in r.stdout + r.stderr  # the folder is logged
+    # another seed (or spec) gets its own folder instead of a clash
     r = subprocess.run([sys.executable, "-m", "gravprobe.cli", "generate", *args[:-1], "seed=4"], env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "out=" in r.stderr and "seed" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name[-3:] for p in (tmp_path / "data").iterdir()) == ["-s3", "-s4"]
     # out= works, and the stage never imports torch
     code = ("import sys; from gravprobe.cli import main; "
             f"main(['generate', 'data=pretrain', 'data.n_systems=5', 'data.seq_len=30', 'out={tmp_path / 'o'}', "
@@ -438,6 +463,7 @@ def test_generate_cli_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_dataset(tmp_path / "o").tokens.shape == (5, 30, 2)
+    assert f"out={(tmp_path / 'o').resolve()}" in r.stdout + r.stderr  # the override later stages need
     res = max(tmp_path.glob("runs/*/*/results.json"), key=lambda f: f.stat().st_mtime)
     summary = json.loads(res.read_text())["generate"]
     assert summary["arrays"] == ["tokens", "bodies", "dt", "n_bodies", "energy_error"]

@@ -15,9 +15,16 @@ from typing import Any
 from gravprobe import __version__
 
 
-def output_root() -> Path:
-    """The one directory every stage writes under: ``$GRAVPROBE_HOME`` or ``./outputs``."""
-    return Path(os.environ.get("GRAVPROBE_HOME", "./outputs")).expanduser().resolve()
+def output_root(cfg: Any = None) -> Path:
+    """The one directory every stage writes under. Given a config, its ``home`` key (which defaults to
+    ``${oc.env:GRAVPROBE_HOME,./outputs}``; a ``home=PATH`` override wins everywhere, so the config and this
+    function cannot disagree); without one (or without ``home``), ``$GRAVPROBE_HOME`` or ``./outputs``."""
+    home = None
+    if cfg is not None:
+        home = cfg.get("home") if hasattr(cfg, "get") else getattr(cfg, "home", None)
+    if home is None or str(home) == "":
+        home = os.environ.get("GRAVPROBE_HOME", "./outputs")
+    return Path(str(home)).expanduser().resolve()
 
 
 def code_version() -> str:

@@ -5,7 +5,8 @@
 1. **validate** the config before any work (``validate``): unknown attention variants, impossible sizes,
    a force dataset too small for the probes' selection — every problem at once, with the valid choices;
 2. **generate** the pretraining dataset ``cfg.data`` and the probing dataset ``cfg.force_data`` with
-   ``gravprobe.orbits.ensure_dataset`` under ``${home}/data/<name>-<spec hash>-s<seed>`` (a dataset that
+   ``gravprobe.orbits.ensure_dataset`` under ``${home}/data/<name>-<spec hash>-s<seed>`` (or ``out=`` /
+   ``force_out=``; the same folders ``generate``, ``pretrain`` and ``probe`` use; a dataset that
    exists and verifies is reused, an interrupted one is resumed);
 3. for each attention variant (``variants_of``), in ``run_dir/<variant>/``: **pretrain**
    (``gravprobe.pretrain.train.main``; resumes from ``checkpoints/last.pt``) and **probe**
@@ -52,7 +53,7 @@ STAGE_FUNCTIONS = {
     "probe": ("gravprobe.probes.pipeline", "main"),
 }
 #: config keys that may differ when a run folder is resumed (they do not change any result)
-RESUME_IGNORED_KEYS = ("stage", "workers", "threads", "device", "home", "out", "report", "pipeline.report",
+RESUME_IGNORED_KEYS = ("stage", "workers", "threads", "device", "home", "out", "force_out", "report", "pipeline.report",
                        "pipeline.stop_after", "train.stop_at")
 
 
@@ -400,12 +401,15 @@ def _resume_command(run_dir: Path) -> str:
 
 def ensure_datasets(cfg: DictConfig) -> dict[str, str]:
     """Generate (or reuse / resume) ``cfg.data`` and ``cfg.force_data``; return their folders."""
-    from gravprobe.orbits import DatasetSpec, dataset_dir, ensure_dataset
+    from gravprobe.orbits import config_dataset_path, ensure_dataset
 
+    folders = {key: config_dataset_path(cfg, key) for key in ("data", "force_data")}
+    (spec_d, path_d), (spec_f, path_f) = folders["data"], folders["force_data"]
+    if path_d == path_f and spec_d.spec_hash() != spec_f.spec_hash():
+        raise PipelineConfigError(f"data and force_data are different datasets but both go to {path_d} "
+                                  "(out= and force_out= name the same folder); give them different folders")
     out = {}
-    for key in ("data", "force_data"):
-        spec = DatasetSpec.from_config(cfg[key])
-        path = dataset_dir(spec, int(cfg.seed))
+    for key, (spec, path) in folders.items():
         log.info("dataset %s (%s): %s", key, spec.name, path)
         out[key] = str(ensure_dataset(spec, path, seed=int(cfg.seed), workers=int(cfg.workers)))
     return out
