@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+#: The variants the kernels implement (names of ``gravprobe.attention.reference.REGISTRY``; ``ops`` reads it).
 SUPPORTED_VARIANTS = ("softplus", "lssa", "lssar")
 
 __all__ = ["SUPPORTED_VARIANTS", "fused_attention", "is_available", "supports"]
@@ -40,7 +41,8 @@ def fused_attention(q, k, v, variant: str, causal: bool = True, **params):
     """Fused causal two-stage attention; see :func:`gravprobe.kernels.ops.fused_attention`.
 
     q, k, v ``[B, T, H, D]`` (fp16/bf16/fp32, D ≤ 128) → ``[B, T, H, D]``; differentiable (Triton backward).
-    ``params``: ``sharpen_power`` (15), ``offset`` (1), ``offset_until`` (3), ``log_base`` (e), ``scale``.
+    ``params``: ``sharpen_power``, ``offset``, ``offset_until``, ``log_base`` (defaults: the registry's,
+    ``gravprobe.attention.reference.REGISTRY``; ``ops.PARAM_DEFAULTS``).
     """
     from .ops import fused_attention as _fused
 

@@ -21,6 +21,8 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+from gravprobe.kernels import SUPPORTED_VARIANTS  # noqa: E402 - the package imports no Triton
+
 _INT_ARGS = ("H", "T", "HEAD_DIM")
 _FLOAT_ARGS = ("scale", "log_coef", "power", "offset")
 _FP32_POINTERS = ("STAT_", "QS", "KS", "DQS", "DKS")
@@ -44,7 +46,7 @@ def _signature(fn, dtype: str, consts: dict) -> dict:
     return sig
 
 
-def specs(quick: bool, variants=("softplus", "lssa", "lssar")):
+def specs(quick: bool, variants=SUPPORTED_VARIANTS):
     """(kernel name, variant, dtype, head dim) combinations, with the block sizes ops.py would pick."""
     dtypes = ("bf16",) if quick else ("bf16", "fp16", "fp32")
     dims = (64,) if quick else (40, 64, 128)
@@ -59,8 +61,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability × 10 (80 = A100, 90 = H100)")
     parser.add_argument("--quick", action="store_true", help="bf16 and head dim 64 only")
-    parser.add_argument("--variants", nargs="+", default=["softplus", "lssa", "lssar"],
-                        choices=["softplus", "lssa", "lssar"])
+    parser.add_argument("--variants", nargs="+", default=list(SUPPORTED_VARIANTS), choices=SUPPORTED_VARIANTS)
     args = parser.parse_args(argv)
 
     import triton
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     for name, variant, dtype, d in specs(args.quick, tuple(args.variants)):
         fn = getattr(kernels, name)
         cfg = ops._config(d, backward=name != "_fwd_kernel")
-        scalars = ops._scalars(variant, d, 15.0, 1.0, 3, 2.718281828459045)
+        scalars = ops._scalars(variant, d, **ops.PARAM_DEFAULTS)    # the registry's defaults
         consts = {"CAUSAL": True, "LENGTH_SCALE": scalars["LENGTH_SCALE"], "LSSAR": scalars["LSSAR"],
                       "NORM": variant != "softplus", "POWER_INT": scalars["POWER_INT"], "BLOCK_M": cfg.block_m,
                       "BLOCK_N": cfg.block_n, "BLOCK_D": cfg.block_d, "UPCAST": False,

@@ -26,15 +26,20 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from gravprobe.attention.reference import REGISTRY
+
+from . import SUPPORTED_VARIANTS
 from . import triton_attention as _k
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_VARIANTS = ("softplus", "lssa", "lssar")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-#: parameter names ``fused_attention`` accepts (irrelevant ones are ignored for a given variant)
-PARAM_DEFAULTS = {"sharpen_power": 15.0, "offset": 1.0, "offset_until": 3, "log_base": math.e}
+#: The parameters of the supported variants (``fused_attention`` ignores the ones irrelevant to a given
+#: variant), with their checks and defaults: read from the registry, which states them once.
+_PARAMS = {p.name: p for v in SUPPORTED_VARIANTS for p in REGISTRY[v].params}
+#: parameter names ``fused_attention`` accepts, with their defaults (the registry's)
+PARAM_DEFAULTS = {name: p.default for name, p in _PARAMS.items()}
 #: Fill freshly allocated outputs with NaN so an element a kernel forgot to write cannot pass a test.
 #: On by default in interpreter mode (tests), off on GPUs (costs a memset).
 POISON_OUTPUTS = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -311,9 +316,11 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: 
         q, k, v: ``[B, T, H, D]`` (batch, time, heads, head dim), fp16/bf16/fp32, same dtype and device.
         variant: one of ``SUPPORTED_VARIANTS``.
         causal: keys j ≤ i with nᵢ = i (1-based); otherwise all keys with nᵢ = T.
-        **params: ``sharpen_power`` p (default 15, > 0), ``offset`` o (1), ``offset_until`` (3: oᵢ = 0 for
-            1-based i ≤ 3), ``log_base`` of the length scale (e); ``softplus`` scores use 1/√D.
-            Names irrelevant to the variant are ignored; unknown names raise TypeError.
+        **params: ``sharpen_power`` p (> 0), ``offset`` o, ``offset_until`` (oᵢ = 0 for 1-based
+            i ≤ offset_until), ``log_base`` of the length scale; defaults and checks are the registry's
+            (``gravprobe.attention.reference.REGISTRY``: p = 15, o = 1, 3, e); ``softplus`` scores use 1/√D.
+            Names irrelevant to the variant are ignored; unknown names raise TypeError, bad values
+            ValueError.
 
     Returns:
         ``[B, T, H, D]`` in the input dtype.
@@ -321,12 +328,12 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: 
     unknown = set(params) - set(PARAM_DEFAULTS)
     if unknown:
         raise TypeError(f"fused_attention: unknown parameter(s) {sorted(unknown)}; valid: {sorted(PARAM_DEFAULTS)}")
-    p = {**PARAM_DEFAULTS, **params}
     check_inputs(q, k, v, variant)
-    if not p["sharpen_power"] > 0:
-        raise ValueError(f"fused_attention: sharpen_power must be > 0, got {p['sharpen_power']}")
-    if not (p["log_base"] > 0 and p["log_base"] != 1):
-        raise ValueError(f"fused_attention: log_base must be > 0 and ≠ 1, got {p['log_base']}")
+    try:  # the registry's checks (sharpen_power > 0, log_base > 0 and != 1 or 'e', ...), defaults filled in
+        p = {name: _PARAMS[name].check(params[name]) if name in params else default
+             for name, default in PARAM_DEFAULTS.items()}
+    except ValueError as exc:
+        raise ValueError(f"fused_attention: {exc}") from None
     q_scale = k_scale = None
     if variant in ("lssa", "lssar"):
         q_scale, k_scale = _inverse_norms(q), _inverse_norms(k)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from gravprobe.attention import (
     DEFAULT_PARAMS,
+    REGISTRY,
     VARIANTS,
     attend,
     attention_weights,
@@ -16,8 +17,9 @@ from gravprobe.attention import (
     resolve_params,
 )
 
-NORMALISED = ("softmax", "softplus", "lssa", "lssar", "ssmax")
-UNNORMALISED = ("relu", "sigmoid")
+# Read from the registry's declarations; the tests below check them against the weights themselves.
+NORMALISED = tuple(v for v in VARIANTS if REGISTRY[v].normalised)
+UNNORMALISED = tuple(v for v in VARIANTS if not REGISTRY[v].normalised)
 
 
 def _qkv(B=2, T=5, H=3, D=4, dtype=torch.float64, seed=0, Dv=None):
@@ -81,7 +83,8 @@ def loop_attention(q, k, v, variant, *, causal=True, log_base=math.e, sharpen_po
                     e = {j: math.exp(c * log(n) * s[j]) for j in keys}
                     a = {j: e[j] / sum(e.values()) for j in keys}
                 else:
-                    raise AssertionError(variant)
+                    raise AssertionError(f"loop_attention has no transcription of variant {variant!r}: a new "
+                                         f"registry entry needs its formula written out here")
                 for j in keys:
                     for m, vm in enumerate(v[b][j - 1][h]):
                         out[b][i - 1][h][m] += a[j] * vm
@@ -116,6 +119,9 @@ def test_reference_matches_loop_with_params(variant, params):
 def test_defaults_are_method_defaults():
     assert DEFAULT_PARAMS["lssar"] == {"log_base": math.e, "sharpen_power": 15.0, "offset": 1.0,
                                        "offset_until": 3}
+    assert NORMALISED == ("softmax", "softplus", "lssa", "lssar", "ssmax")
+    assert UNNORMALISED == ("relu", "sigmoid")
+    assert {v: REGISTRY[v].learnable for v in VARIANTS if REGISTRY[v].learnable} == {"ssmax": ("ssmax_scale",)}
     assert resolve_params("lssa", {"log_base": "e"})["log_base"] == math.e
     q, k, v = _qkv(B=1, T=6, H=1, D=4, seed=1)
     explicit = attend(q, k, v, "lssar", sharpen_power=15, offset=1, offset_until=3, log_base="e")
@@ -419,3 +425,95 @@ def test_eager_float32_close_to_float64_reference():
     for variant in eager.FAST_VARIANTS:
         got = eager.eager_attention(q.float(), k.float(), v.float(), variant)
         torch.testing.assert_close(got.double(), reference_attention(q, k, v, variant), rtol=1e-4, atol=2e-5)
+
+
+# --- the registry: one declaration per variant (issue 12) -----------------------------------------------
+
+def test_registry_states_each_variant_once_and_everything_reads_it():
+    from gravprobe.attention import dispatch, eager, flex
+
+    assert VARIANTS == ("softmax", "softplus", "lssa", "lssar", "relu", "sigmoid", "ssmax")   # METHOD order
+    assert tuple(REGISTRY) == VARIANTS and all(REGISTRY[v].name == v for v in VARIANTS)
+    assert DEFAULT_PARAMS == {v: {p.name: p.default for p in REGISTRY[v].params} for v in VARIANTS}
+    for v in VARIANTS:
+        assert resolve_params(v) == DEFAULT_PARAMS[v]          # the defaults pass their own checks
+        assert REGISTRY[v].formula
+    # the backends' capability lists name registered variants only; auto covers every variant on the CPU
+    assert set(eager.FAST_VARIANTS) <= set(VARIANTS) and set(flex.FLEX_VARIANTS) <= set(VARIANTS)
+    assert {v for (_, v) in dispatch.AUTO_ORDER} <= set(VARIANTS)
+    assert {v for (dev, v) in dispatch.AUTO_ORDER if dev == "cpu"} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("variant,params,message", [
+    ("lssar", {"offset": "abc"}, "offset must be a finite number, got 'abc'"),
+    ("lssar", {"offset": float("nan")}, "offset must be a finite number"),
+    ("lssar", {"offset_until": 2.5}, "offset_until must be an integer >= 0, got 2.5"),
+    ("lssar", {"offset_until": True}, "offset_until must be an integer >= 0, got True"),
+    ("lssar", {"sharpen_power": float("inf")}, "sharpen_power must be a finite number > 0, got inf"),
+    ("lssar", {"sharpen_power": "p"}, "sharpen_power must be a finite number > 0, got 'p'"),
+    ("ssmax", {"ssmax_scale": float("nan")}, "ssmax_scale must be a finite number"),
+    ("sigmoid", {"log_base": -2}, "log_base must be a finite number > 0 and != 1"),
+    (None, {}, "unknown attention variant None; valid choices: softmax"),
+])
+def test_resolve_params_names_the_bad_value(variant, params, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_params(variant, params)
+
+
+def test_resolve_params_normalises_values_and_keeps_tensors():
+    got = resolve_params("lssar", {"sharpen_power": 3, "offset": "0.5", "offset_until": 2.0, "log_base": "e"})
+    assert got == {"sharpen_power": 3.0, "offset": 0.5, "offset_until": 2, "log_base": math.e}
+    assert type(got["offset_until"]) is int and type(got["sharpen_power"]) is float
+    c = torch.tensor([0.5, 2.0], requires_grad=True)
+    assert resolve_params("ssmax", {"ssmax_scale": c})["ssmax_scale"] is c      # learnable: passed through
+
+
+def _count_resolves(monkeypatch):
+    """Count resolve_params calls wherever the attention package imported it."""
+    from gravprobe.attention import dispatch, eager, flex, layer, reference
+
+    calls = []
+    real = reference.resolve_params
+
+    def counting(variant, params=None):
+        calls.append(variant)
+        return real(variant, params)
+
+    for module in (reference, dispatch, eager, flex, layer):
+        if hasattr(module, "resolve_params"):
+            monkeypatch.setattr(module, "resolve_params", counting)
+    return calls
+
+
+@pytest.mark.parametrize("variant,backend", [("lssar", "torch"), ("relu", "torch"), ("ssmax", "torch"),
+                                             ("lssa", "flex")])
+def test_attend_resolves_params_once(variant, backend, monkeypatch):
+    """attend resolves once; the backend (eager, its reference fallback, flex) takes the result as given."""
+    from gravprobe.attention import flex
+
+    if backend == "flex":
+        if not flex.flex_available():
+            pytest.skip("torch without FlexAttention")
+        monkeypatch.setenv(flex.COMPILE_ENV, "0")       # the unfused eager FlexAttention (float64 on the CPU)
+    calls = _count_resolves(monkeypatch)
+    q, k, v = _qkv(B=1, T=6, H=2, D=4, seed=30)
+    out = attend(q, k, v, variant, backend=backend)
+    assert calls == [variant]
+    calls.clear()
+    torch.testing.assert_close(out, reference_attention(q, k, v, variant))
+    assert calls == [variant]                            # the public reference resolves once too
+
+
+def test_layer_resolves_params_at_construction_only(monkeypatch):
+    from gravprobe.attention import CausalSelfAttention
+
+    calls = _count_resolves(monkeypatch)
+    torch.manual_seed(0)
+    for variant in ("lssar", "ssmax", "relu"):
+        layer = CausalSelfAttention(16, 2, variant, backend="torch")
+        assert calls == [variant]
+        calls.clear()
+        x = torch.randn(2, 5, 16)
+        layer(x).sum().backward()
+        layer.attention_weights(x)
+        assert calls == [], f"{variant}: the forward pass resolved its parameters again"

@@ -139,6 +139,84 @@ def test_every_config_file_builds_its_variant():
                             "log_base": pytest.approx(2.718281828459045)}
 
 
+def test_every_registry_variant_has_the_config_file_generated_from_it():
+    """One source of truth: conf/attention/<variant>.yaml is the registry's entry, written out."""
+    from gravprobe.attention import REGISTRY, resolve_params
+    from gravprobe.attention.config_files import conf_dir, stale_files, variant_yaml
+
+    assert conf_dir().resolve() == CONF.resolve()
+    stale = stale_files(CONF)
+    assert not stale, (f"{[p.name for p in stale]} differ from gravprobe.attention.reference.REGISTRY; run "
+                       f"`python -m gravprobe.attention.config_files --write`")
+    for name, spec in REGISTRY.items():
+        node = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+        assert node["name"] == name and node["window"] is None and node["backend"] == "auto"
+        assert list(node["params"]) == [p.name for p in spec.params]                # every param, in order
+        assert resolve_params(name, node["params"]) == spec.defaults                  # at its default
+        assert spec.formula in variant_yaml(name)
+
+
+def test_study_arm_files_name_a_registered_variant_and_list_its_params():
+    from gravprobe.attention import REGISTRY, resolve_params
+
+    arms = [f for f in sorted(CONF.glob("*.yaml")) if f.stem not in REGISTRY]
+    assert {f.stem for f in arms} >= {"lssar_p3", "softmax_window4"}
+    for f in arms:
+        node = OmegaConf.to_container(OmegaConf.load(f))
+        spec = REGISTRY[node["name"]]
+        assert sorted(node["params"]) == sorted(p.name for p in spec.params), f.name
+        resolve_params(spec.name, node["params"])
+    assert OmegaConf.load(CONF / "lssar_p3.yaml").params.sharpen_power == 3
+
+
+def test_config_files_tool_reports_and_rewrites_a_stale_file(tmp_path, capsys):
+    from gravprobe.attention import config_files
+
+    for f in CONF.glob("*.yaml"):
+        (tmp_path / f.name).write_text(f.read_text())
+    lssar = tmp_path / "lssar.yaml"
+    lssar.write_text(lssar.read_text().replace("sharpen_power: 15", "sharpen_power: 12"))
+    (tmp_path / "relu.yaml").unlink()
+    assert config_files.main(["--dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "lssar.yaml" in out and "relu.yaml" in out and "--write" in out and "lssar_p3" not in out
+    assert config_files.main(["--dir", str(tmp_path), "--write"]) == 0
+    assert config_files.stale_files(tmp_path) == []
+    assert "sharpen_power: 15" in lssar.read_text()
+    assert (tmp_path / "lssar_p3.yaml").read_text() == (CONF / "lssar_p3.yaml").read_text()   # arms untouched
+
+
+def test_a_new_variant_is_one_registry_entry(monkeypatch):
+    """A throwaway variant with a learnable parameter, registered and nothing else: attend, the layer (its
+    parameter learnable per head), from_config and its generated config file all work."""
+    import math
+
+    from gravprobe.attention import REGISTRY, Param, Variant, reference
+    from gravprobe.attention.config_files import variant_yaml
+
+    def relu_power(q, k, n, visible, *, relu_power, gain):
+        s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(q.shape[-1])
+        return (torch.relu(s).pow(relu_power) * reference._ssmax_scale(gain, q.shape[2], q.dtype, q.device)
+                / n).masked_fill(~visible, 0.0)
+
+    spec = Variant("relu_power", relu_power, (
+        Param("relu_power", 2.0, reference._positive("relu_power"), "exponent"),
+        Param("gain", 1.0, reference._scale, "initial per-head gain", learnable=True),
+    ), "gain ReLU(s_ij)^relu_power / n_i", normalised=False)
+    monkeypatch.setitem(REGISTRY, "relu_power", spec)
+    q, k, v = torch.randn(3, 1, 5, 2, 4, dtype=torch.float64).unbind(0)
+    out = attend(q, k, v, "relu_power", relu_power=3)
+    torch.testing.assert_close(out, A.reference_attention(q, k, v, "relu_power", relu_power=3.0, gain=1.0))
+    with pytest.raises(ValueError, match="relu_power must be a finite number > 0"):
+        attend(q, k, v, "relu_power", relu_power=0)
+    node = OmegaConf.create(variant_yaml("relu_power"))
+    assert node.params == {"relu_power": 2, "gain": 1}
+    layer = CausalSelfAttention.from_config(node, 16, 2)
+    assert layer.gain.shape == (2,) and "gain" in layer.state_dict() and layer.params == {"relu_power": 2.0}
+    layer(_x(T=6, C=16)).square().mean().backward()
+    assert layer.gain.grad is not None and layer.gain.grad.abs().sum() > 0
+
+
 def test_from_config_with_hydra_compose():
     from hydra import compose, initialize_config_module
 

@@ -280,6 +280,24 @@ def test_bad_input_raises_a_clear_error(call, error):
         call(q)
 
 
+def test_kernel_defaults_and_checks_are_the_registrys():
+    """lssar's defaults are stated once, in gravprobe.attention.reference.REGISTRY; the kernels read them."""
+    from gravprobe.attention import DEFAULT_PARAMS, VARIANTS
+
+    assert set(VARIANTS) >= set(kernels.SUPPORTED_VARIANTS) and ops.SUPPORTED_VARIANTS is kernels.SUPPORTED_VARIANTS
+    union = {name: value for v in kernels.SUPPORTED_VARIANTS for name, value in DEFAULT_PARAMS[v].items()}
+    assert ops.PARAM_DEFAULTS == union == {"sharpen_power": 15.0, "offset": 1.0, "offset_until": 3,
+                                           "log_base": math.e}
+    q = torch.randn(1, 4, 1, 16, device=DEVICE)
+    for params, message in (({"sharpen_power": 0}, "fused_attention: sharpen_power must be a finite number > 0"),
+                            ({"log_base": 1}, "fused_attention: log_base must be"),
+                            ({"offset_until": -1}, "fused_attention: offset_until must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            kernels.fused_attention(q, q, q, "lssar", **params)
+    with pytest.raises(TypeError, match=r"unknown parameter\(s\) \['p'\]; valid: \['log_base', 'offset'"):
+        kernels.fused_attention(q, q, q, "lssar", p=3)
+
+
 def test_supports_predicate():
     assert kernels.supports("lssar", dtype=torch.bfloat16, head_dim=128, causal=True)
     assert kernels.supports("lssa", dtype=torch.float32, head_dim=40, causal=False)
