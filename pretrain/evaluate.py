@@ -1,4 +1,4 @@
-"""Validation losses, length extrapolation (1x ... 16x the training context) and the pretraining plots.
+"""Validation losses and length extrapolation (1x ... 16x the training context); the plots are the report's.
 
 Length extrapolation (DESIGN.md ``results.json["pretrain"]["length_extrapolation"]``): the trained model's
 mean next-token loss on sequences ``factor x`` longer than its training context — orbits: fresh held-out
@@ -13,7 +13,6 @@ import contextlib
 import csv
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -121,43 +120,22 @@ def length_extrapolation(model: GPT, *, factors: Sequence[int], orbit_len: int |
 
 
 # ------------------------------------------------------------------------------------------------ plots
+# The figures are the report's (gravprobe.report.figures draws every figure); these names stay for callers.
 def plot_length_extrapolation(results: Mapping[str, Mapping[str, Any]], path: str | Path,
                               title: str | None = None) -> Path:
-    """Loss vs length factor, one line per variant, one panel per modality.
+    """Loss vs length factor, one line per variant, one panel per modality — drawn by
+    :func:`gravprobe.report.figures.plot_length_extrapolation`.
 
     ``results``: ``{variant: results_json["pretrain"]}`` (or any mapping holding ``"length_extrapolation"``,
-    or the ``length_extrapolation`` dict itself). Writes a PNG to ``path`` and returns it.
+    or the ``length_extrapolation`` dict itself). Writes a PNG to ``path`` and returns it; raises
+    ``ValueError`` when there is nothing to plot.
     """
-    import matplotlib
+    from gravprobe.report.figures import plot_length_extrapolation as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tables = {name: r.get("length_extrapolation", r) for name, r in results.items()}
-    modalities = [m for m in ("orbits", "text") if any(m in t and t[m] for t in tables.values())]
-    if not modalities:
-        raise ValueError("no length-extrapolation numbers to plot")
-    fig, axes = plt.subplots(1, len(modalities), figsize=(5 * len(modalities), 3.8), squeeze=False)
-    for ax, mod in zip(axes[0], modalities):
-        for name, t in tables.items():
-            pts = sorted((int(k), v) for k, v in (t.get(mod) or {}).items()
-                         if v is not None and math.isfinite(v))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("length / training context")
-        ax.set_ylabel("validation loss (nats/token)" if mod == "text" else "validation loss (nats/coordinate)")
-        ax.set_title(mod)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    out = draw(results, Path(path), title=title or "")
+    if out is None:
+        raise ValueError("no length-extrapolation numbers to plot (every variant's table is empty)")
+    return out
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -167,28 +145,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss_curves(metrics_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
-    """Train and validation loss per modality against step, from ``metrics.csv``; writes a PNG."""
-    import matplotlib
+    """Train and validation loss per modality against step, from ``metrics.csv``; writes a PNG — drawn by
+    :func:`gravprobe.report.figures.plot_loss_curves`. Raises ``ValueError`` when the file has no rows."""
+    from gravprobe.report.figures import plot_loss_curves as draw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(metrics_csv)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for split, style in (("train", "-"), ("val", "o--")):
-        for mod, color in (("orbits", "C0"), ("text", "C1")):
-            pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split and r["modality"] == mod]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=f"{mod} ({split})",
-                        ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    out = draw(metrics_csv, path, title=title or "")
+    if out is None:
+        raise ValueError(f"{metrics_csv} has no loss rows to plot")
+    return out

@@ -36,8 +36,9 @@ def test_complete_run_report(tmp_path):
     assert md.count("`cos(cos(2.19*m1))`") == 5 + 3  # softmax 5, lssa 3 non-newtonian galaxies
     assert "-2.00 [-2.01, -1.99]" in md  # exponent with its confidence interval
     # loss vs length tables for both modalities, with every length
-    for mod in ("orbits", "text"):
-        assert f"Validation loss ({mod}, nats/token)" in md
+    # (units per modality, issue 12: a discrete orbit model's loss is per coordinate, text's per token)
+    assert "Validation loss (orbits, nats/coordinate)" in md and "Validation loss (text, nats/token)" in md
+    assert "orbits, nats/token" not in md
     assert all(f"{k}×" in md for k in LENGTHS)
     # probe R² per layer table
     assert "| target | L0 | L1 | L2 |" in md

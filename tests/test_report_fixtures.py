@@ -93,3 +93,58 @@ def write_sweep(sweep_dir: Path, variants=("softmax", "lssar"), seeds=(0, 1, 2),
                 f"- stage=run\n- attention={name}\n- seed={seed}\n")
             job += 1
     return sweep_dir
+
+
+# ------------------------------------------------------------------ the number files a stage folder holds
+PROBE_TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "r", "log_r", "inv_r", "inv_r2", "a", "e", "lrl_x",
+                 "lrl_y", "log_m1", "log_m2")  # 14 targets: more than one colour cycle
+NEWTON = "39.478*m1*m2/r**2"
+LONG_LAW = ("39.4784176*m1**1.0003*m2**0.99987/r**2.00012 + 0.000123456*exp(-3.21*r)*m1*log(1 + m2) "
+            "- 0.00077*cos(2.19*m1)*sqrt(m2)/(1 + r**3)")  # longer than any title line
+
+
+def write_stage_numbers(vdir: Path, *, n_layers: int = 3, n_points: int = 60, seed: int = 0) -> dict:
+    """The number files of a pretrain + probe stage folder, in the formats the stages write:
+    ``metrics.csv``, ``probes_linear.csv`` (one target far below the R² floor), ``force_predictions.csv``
+    (``source,true,pred``: the head and the oracle), ``laws_head.npz`` / ``laws_oracle.npz`` (X = r, m1, m2;
+    y; galaxy seed per point), and the matching ``probes`` galaxies merged into ``results.json``.
+    Returns that ``probes`` section."""
+    import numpy as np
+
+    vdir.mkdir(parents=True, exist_ok=True)
+    rows = ["step,split,modality,loss,lr,tokens,wall_s"]
+    for step in range(0, 101, 10):
+        for split in ("train", "val"):
+            rows.append(f"{step},{split},orbits,{5.0 / (1 + step / 20):.4f},0.001,{step * 64},{step / 10:.2f}")
+            rows.append(f"{step},{split},text,{6.0 / (1 + step / 40):.4f},0.001,{step * 64},{step / 10:.2f}")
+    (vdir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    lines = ["model,probe,layer,target,r2,decodable,alpha,alpha_edge"]
+    for model in ("trained", "untrained"):
+        for layer in range(n_layers):
+            for j, t in enumerate(PROBE_TARGETS):
+                r2 = -394.0 if (t == "log_F_mag" and layer == 0) else round(0.9 - 0.06 * j - 0.1 * layer, 4)
+                if model == "untrained":
+                    r2 = round(0.01 - 0.002 * j, 4)
+                lines.append(f"{model},ridge,{layer},{t},{r2},{r2 >= 0.05},10.0,")
+    (vdir / "probes_linear.csv").write_text("\n".join(lines) + "\n")
+    rng = np.random.default_rng(seed)
+    X = np.column_stack([rng.uniform(0.5, 5, n_points), rng.uniform(1e-3, 1e-1, n_points),
+                         rng.uniform(0.5, 2, n_points)])
+    y = 39.478 * X[:, 1] * X[:, 2] / X[:, 0] ** 2
+    galaxy = np.repeat([0, 1, 2], n_points // 3)
+    np.savez(vdir / "laws_head.npz", X=X, y=y * rng.lognormal(0, 0.1, n_points), galaxy=galaxy)
+    np.savez(vdir / "laws_oracle.npz", X=X, y=y, galaxy=galaxy)
+    pred = ["source,true,pred"] + [f"fine-tuned head,{t:.6g},{t * 1.1:.6g}" for t in y] \
+        + [f"2-NN oracle,{t:.6g},{t * 0.97:.6g}" for t in y] + ["2-NN oracle,1.0,0.0"]
+    (vdir / "force_predictions.csv").write_text("\n".join(pred) + "\n")
+    head = [{"seed": 0, "expression": NEWTON, "newtonian": True}, {"seed": 1, "expression": LONG_LAW,
+                                                                    "newtonian": False},
+            {"seed": 2, "expression": "m1*q/r", "newtonian": False}]  # q: not an input, cannot be evaluated
+    probes = {"galaxies": head, "oracle": {"galaxies": [{"seed": s, "expression": NEWTON, "newtonian": True}
+                                                        for s in (0, 1, 2)]},
+              "linear_probe": {"decodable_min_r2": 0.05}}
+    path = vdir / "results.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res["probes"] = {**(res.get("probes") or {}), **probes}
+    path.write_text(json.dumps(res))
+    return res["probes"]
