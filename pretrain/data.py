@@ -73,8 +73,23 @@ class OrbitSource:
 
 def orbit_inputs(tokens: np.ndarray, positions: np.ndarray | None, ids: np.ndarray, length: int, n_bins: int,
                  mode: str) -> np.ndarray:
-    """Rows ``ids`` of ``tokens [N, T, 2]`` (and ``positions``), first ``length`` steps, as model inputs:
-    int64 ids (discrete) or float32 AU with NaN at dt markers/padding (continuous)."""
+    """Dataset rows as model input: the one function pretraining, evaluation and the probes use.
+
+    Rows ``ids`` of ``tokens [N, T, 2]`` (and ``positions [N, T, 2]`` in AU), first ``length`` steps →
+    ``[len(ids), length, 2]``: int64 token ids (``mode="discrete"``) or float32 positions in AU with NaN
+    where the step is not a coordinate (``mode="continuous"``; the model swaps NaN for its marker vector).
+
+    A step is a coordinate when both of its token ids are bins (``id < n_bins``); ids ``n_bins …`` are the
+    tokenizer's dt markers and padding (:meth:`gravprobe.orbits.OrbitTokenizer.is_special`). The tokens,
+    not the ``bodies`` array (``-1`` = marker/padding), decide it because they are what the model reads,
+    and ``tokens`` is stored in every dataset while ``bodies`` is optional (``data.arrays``). In a
+    generated dataset both rules mark the same steps (coordinates are clipped into the bins).
+    """
+    if mode not in ("discrete", "continuous"):
+        raise ValueError(f"orbit input mode={mode!r}; choose 'discrete' or 'continuous' (model.orbit_mode)")
+    if mode == "continuous" and positions is None:
+        raise DatasetMismatchError("continuous orbit input needs the dataset's positions array; generate the "
+                                   "dataset with positions in data.arrays (or data.arrays=null)")
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         shape = (0, length, 2)

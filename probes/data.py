@@ -31,10 +31,12 @@ features: ``exclude=("log_m_planet",)`` is the oracle without m1), :func:`noisy_
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
+from sklearn.neighbors import KNeighborsRegressor, NearestNeighbors
+from sklearn.preprocessing import StandardScaler
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class PlanetSteps:
     def __len__(self) -> int:
         return len(self.system)
 
-    def subset(self, idx: np.ndarray) -> "PlanetSteps":
+    def subset(self, idx: np.ndarray) -> PlanetSteps:
         return PlanetSteps(self.system[idx], self.step[idx], self.state[idx], self.force[idx], self.labelled[idx])
 
     @property
@@ -180,8 +182,6 @@ def state_features(state: np.ndarray, exclude: Sequence[str] = ()) -> np.ndarray
 
 
 def _scaler(train_state: np.ndarray, exclude: Sequence[str] = ()):
-    from sklearn.preprocessing import StandardScaler
-
     return StandardScaler().fit(state_features(train_state, exclude))
 
 
@@ -194,8 +194,6 @@ def select_nearest(train_state: np.ndarray, held_state: np.ndarray, n_keep: int 
 
     With ``return_nearest=True`` also returns, per kept state, the index into ``train_state`` of its
     nearest reference state (to ask e.g. whether it lies in the same sequence)."""
-    from sklearn.neighbors import NearestNeighbors
-
     if len(held_state) == 0 or len(train_state) == 0:
         raise ValueError("select_nearest needs non-empty training and held-out states")
     sc = _scaler(train_state)
@@ -215,8 +213,6 @@ def select_nearest(train_state: np.ndarray, held_state: np.ndarray, n_keep: int 
 def nearest_training(train_state: np.ndarray, query_state: np.ndarray) -> np.ndarray:
     """``[Q]`` index into ``train_state`` of each query's nearest training state over *all* of them (the
     standardised features of :func:`select_nearest`, no subsample): the neighbour the oracle sees first."""
-    from sklearn.neighbors import NearestNeighbors
-
     sc = _scaler(train_state)
     nn = NearestNeighbors(n_neighbors=1).fit(sc.transform(state_features(train_state)))
     return nn.kneighbors(sc.transform(state_features(query_state)), return_distance=False)[:, 0]
@@ -238,8 +234,6 @@ def oracle_predict(train_state: np.ndarray, train_y: np.ndarray, query_state: np
     drops :data:`FEATURES` columns from the input: ``("log_m_planet",)`` is the oracle without m1
     (METHOD §4.6), which never sees the planet mass.
     """
-    from sklearn.neighbors import KNeighborsRegressor
-
     sc = _scaler(train_state, exclude)
     knn = KNeighborsRegressor(n_neighbors=k).fit(sc.transform(state_features(train_state, exclude)), train_y)
     return knn.predict(sc.transform(state_features(query_state, exclude)))

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from gravprobe.probes.linear import model_inputs
 
+from gravprobe.common import progress
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("magnitude", "vector")
@@ -67,8 +69,6 @@ def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.
     ``query_mask [len(query_systems), T]`` (e.g. the held-out steps). ``cfg`` is the ``probe.head`` node:
     ``protocol, lr, steps, batch_size, weight_decay, warmup, grad_clip, betas, freeze_trunk``."""
     torch = _torch()
-    from gravprobe.common import progress
-
     protocol = str(cfg.get("protocol", "magnitude"))
     # every random draw of the fine-tuning follows from ``seed``, seeded before anything is drawn: the head's
     # weights (private generator), the batch order (private generator) and the global RNG that dropout and

@@ -22,6 +22,11 @@ from collections.abc import Sequence
 
 import numpy as np
 from gravprobe.orbits import G, elements_from_state
+from sklearn.model_selection import GroupKFold
+from sklearn.neural_network import MLPRegressor
+from sklearn.preprocessing import StandardScaler
+
+from gravprobe.common import progress
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +52,37 @@ def probe_targets(state: np.ndarray, force: np.ndarray, names: Sequence[str] = T
     return np.column_stack([cols[n] for n in names])
 
 
-def model_inputs(model, ds, systems: np.ndarray):
-    """The orbit input ``[B, T, 2]`` of ``systems`` in the kind the model takes: integer token ids for a
-    discrete model, positions in AU (NaN at dt markers and padding) for a continuous one."""
-    import torch
-
-    systems = np.asarray(systems)
+def orbit_n_bins(model, ds) -> int:
+    """``V``, the number of coordinate bins of ``ds``'s tokens: the dataset's own (``ds.spec.n_bins``, its
+    tokenizer defines its ids) when it has a spec, else the model's (``orbit_vocab = V + 3``). A discrete
+    model reads the ids as embedding rows, so a dataset tokenised with other bins is refused."""
+    vocab = int(getattr(getattr(model, "cfg", None), "orbit_vocab", 0) or 0)
     mode = getattr(getattr(model, "cfg", None), "orbit_mode", "discrete")
-    if mode == "continuous":
-        pos = np.asarray(ds.positions[systems], dtype=np.float32).copy()
-        pos[np.asarray(ds.bodies[systems]) < 0] = np.nan
-        return torch.from_numpy(pos)
-    return torch.from_numpy(np.asarray(ds.tokens[systems]).astype(np.int64))
+    spec_bins = getattr(getattr(ds, "spec", None), "n_bins", None)
+    if spec_bins is not None:
+        if mode == "discrete" and vocab and int(spec_bins) + 3 != vocab:
+            raise ValueError(f"the probed data is tokenised with n_bins={spec_bins}, but the model's orbit "
+                             f"vocabulary is {vocab} = n_bins + 3 with n_bins={vocab - 3}; generate the force "
+                             f"data with force_data.n_bins={vocab - 3} (the pretraining data's)")
+        return int(spec_bins)
+    if vocab < 4:
+        raise ValueError(f"the model has orbit_vocab={vocab}: no orbit modality to probe (needs n_bins + 3 >= 4)")
+    return vocab - 3
+
+
+def model_inputs(model, ds, systems: np.ndarray, length: int | None = None):
+    """The orbit input ``[B, length, 2]`` (``length`` default: the whole sequence) of ``systems`` as the model
+    was pretrained on it (:func:`gravprobe.pretrain.data.orbit_inputs`, the same rule for every stage):
+    integer token ids for a discrete model, positions in AU (NaN at dt markers and padding) for a
+    continuous one."""
+    import torch
+    from gravprobe.pretrain.data import orbit_inputs  # gravprobe.pretrain imports torch
+
+    mode = getattr(getattr(model, "cfg", None), "orbit_mode", "discrete")
+    T = int(ds.tokens.shape[1]) if length is None else int(length)
+    positions = ds.positions if mode == "continuous" else None
+    return torch.from_numpy(orbit_inputs(ds.tokens, positions, np.asarray(systems), T, orbit_n_bins(model, ds),
+                                         mode))
 
 
 def context_limit(model) -> int | None:
@@ -72,7 +96,6 @@ def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, 
     steps); returns ``{layer: [M, C] float32}`` in row-major order of ``(system, step)`` over the mask. Each
     batch's input stops after its last selected step (exact for a causal model)."""
     import torch
-    from gravprobe.common import progress
 
     n_all = model.n_layers + 1
     layers = list(range(n_all)) if layers is None else [int(l) for l in layers]
@@ -87,7 +110,7 @@ def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, 
             mb = np.asarray(steps_mask[sl], dtype=bool)
             cols = np.flatnonzero(mb.any(0))
             t_end = int(cols[-1]) + 1 if len(cols) else 1       # causal: later positions change nothing
-            x = model_inputs(model, ds, systems[sl])[:, :t_end].to(device)
+            x = model_inputs(model, ds, systems[sl], t_end).to(device)
             hs = model.hidden_states(x)
             m = torch.from_numpy(mb[:, :t_end]).to(device)
             for l in layers:
@@ -146,8 +169,6 @@ def grouped_cv_alphas(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: 
     """Choose one ridge penalty per target by ``GroupKFold`` cross-validation (a group = one sequence, so no
     orbit is in two folds). ``X [M, C]``, ``Y [M, K]``, ``groups [M]``. Returns ``(index into alphas [K],
     cross-validated mean squared error [A, K])``. Ties go to the larger penalty."""
-    from sklearn.model_selection import GroupKFold
-
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise ValueError(f"grouped cross-validation needs at least 2 training sequences, got {n_groups}; "
@@ -226,9 +247,6 @@ def fit_probes(acts: dict, targets: np.ndarray, is_train: np.ndarray, names: Seq
     (held-out R² below it — in particular any negative R² — means "not decodable"); ``alpha``/``alpha_edge``
     are ``None``/``""`` for the MLP.
     """
-    from sklearn.neural_network import MLPRegressor
-    from sklearn.preprocessing import StandardScaler
-
     is_train = np.asarray(is_train, dtype=bool)
     if is_train.all() or not is_train.any():
         raise ValueError("probes need both training and held-out rows (check probe.linear.heldout_fraction)")

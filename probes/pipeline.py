@@ -1,6 +1,10 @@
 """The ``probe`` stage: checkpoint + force data → probes, fine-tuned head, laws per galaxy, verdicts.
 
-``main(cfg, run_dir)`` (called by ``gravprobe probe``) writes into ``run_dir``:
+``main(cfg, run_dir)`` (called by ``gravprobe probe``) runs :func:`run_probes`, a short sequence of one
+function per probe — :func:`probe_linear` (§4.1), :func:`probe_readouts` (Liu's readouts),
+:func:`select_galaxies` (§4.3), :func:`probe_force_head` (§4.2, its laws by :func:`head_laws`),
+:func:`run_controls` (§4.4/§4.6) — and writes numbers only (figures are the report's,
+``gravprobe.report.draw_figures``) into ``run_dir``:
 
 - ``results.json["probes"]`` = ``{"protocol", "requested", "done", "linear": {target: {layer: r2}},
   "mlp": {...}, "galaxies": [verdict × n_galaxies], "oracle": {"galaxies": [...]}, "truth": {...},
@@ -11,41 +15,66 @@
 - ``results.json["probes"]`` also holds ``linear_probe`` (penalties, edge flags, decodability, the untrained
   control per target and layer), ``untrained`` (the probes of the untrained network) and ``readouts``
   (Liu's last-position readouts, :mod:`gravprobe.probes.readouts`) — docs/results_schema.md;
-- ``probes_linear.csv`` (model, probe, layer, target, r2, decodable, alpha, alpha_edge) and
-  ``probes_linear.png`` (R² per layer, trained and untrained);
-- ``equations_<source>_galaxy<seed>.csv`` — the full Pareto front per galaxy, for ``source`` in
-  ``head`` (the fine-tuned model), ``oracle`` (2-NN), ``truth`` (true |F| with 1 % noise),
-  ``oracle_no_m1`` (2-NN without log m_planet) and ``memoriser`` (the sequence's own labels);
-- ``force_pred_vs_true.png`` and ``equations_<source>.png`` (each galaxy's law against its data).
+- ``probes_linear.csv`` (model, probe, layer, target, r2, decodable, alpha, alpha_edge; R² unclipped);
+- ``force_head_loss.csv`` (step, loss) of the fine-tuning;
+- ``force_predictions.csv`` (source, true, pred): |F| in M☉ AU yr⁻² at every point of the selected pool,
+  true and predicted by each source (:data:`SOURCE_TITLES` names them: ``fine-tuned head``,
+  ``2-NN oracle``, …);
+- ``laws_<source>.npz`` — the data each galaxy's law was fitted on: ``X [n, 3]`` = (r AU, m1, m2 M☉),
+  ``y [n]`` (|F| fitted to), ``galaxy [n]`` (the galaxy seed of each point), for ``source`` in ``head``
+  (the fine-tuned model), ``oracle`` (2-NN), ``truth`` (true |F| with 1 % noise), ``oracle_no_m1`` (2-NN
+  without log m_planet) and ``memoriser`` (the sequence's own labels);
+- ``equations_<source>_galaxy<seed>.csv`` — the full Pareto front per galaxy, same sources.
 
 Protocols (``probe.protocol``, METHOD §4.6): ``two_label`` (the literature's; held-out sequences keep 2
 labels) or ``unlabelled`` (held-out sequences carry none; force data made with
 ``force_data.labelling.partial_steps=0``). The model-independent controls are cached by content under
 ``probe.controls.cache_dir`` (:func:`recover_laws_cached`).
 
-Torch and the model are imported only inside the functions that need them.
+Torch and the model are imported only inside the functions that need them (loading a checkpoint, choosing
+the device); this module imports neither matplotlib nor PySR.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import sympy as sp
-
-from gravprobe.common import atomic_write_json
-from gravprobe.probes.data import (FEATURES, PROTOCOLS, SR_NAMES, PlanetSteps, make_galaxies,
-                                   memoriser_predict, nearest_training, noisy_truth, oracle_predict,
-                                   select_nearest, sequence_label_counts, split_force_data)
+from gravprobe.probes import symbolic as _symbolic_module
+from gravprobe.probes import verdict as _verdict_module
+from gravprobe.probes.data import (
+    FEATURES,
+    PROTOCOLS,
+    SR_NAMES,
+    PlanetSteps,
+    make_galaxies,
+    memoriser_predict,
+    nearest_training,
+    noisy_truth,
+    oracle_predict,
+    select_nearest,
+    sequence_label_counts,
+    split_force_data,
+)
+from gravprobe.probes.force_head import finetune_force_head
+from gravprobe.probes.linear import linear_report, run_linear_probes
+from gravprobe.probes.readouts import run_readouts, untrained_twin
 from gravprobe.probes.symbolic import EquationTable, SRResult, evaluate, fit_equation
 from gravprobe.probes.verdict import compare_to_newton
+from omegaconf import DictConfig, OmegaConf
+
+from gravprobe.common import arm_label, atomic_write_bytes, atomic_write_json, update_results
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +92,8 @@ def _get(node, key, default=None):
 def _plain(node) -> dict:
     if node is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
     return dict(node)
 
 
@@ -147,12 +171,8 @@ def _digest(*arrays: np.ndarray) -> str:
 def _regression_code_digest() -> str:
     """sha256 of the code that turns values into verdicts (``symbolic.py``, ``verdict.py``) and the SR
     engines' versions, so that a cache written by other code is not reused."""
-    from importlib import metadata
-
-    from gravprobe.probes import symbolic, verdict
-
     h = hashlib.sha256()
-    for mod in (symbolic, verdict):
+    for mod in (_symbolic_module, _verdict_module):
         h.update(Path(mod.__file__).read_bytes())
     for dist in ("pyoperon", "pysr", "sympy"):
         try:
@@ -304,159 +324,109 @@ def result_counts(protocol: str, model_galaxies: list[dict], memoriser: dict | N
                              f"{len(model_galaxies)} galaxies")
 
 
+def source_titles(k: int = 2) -> dict[str, str]:
+    """The name of each source of |F| in ``force_predictions.csv`` (and the figures), by its section in
+    ``results.json["probes"]``: ``galaxies`` (the fine-tuned head) and the controls (``k``-NN oracles)."""
+    return {"galaxies": "fine-tuned head", "oracle": f"{k}-NN oracle", "truth": "true |F| with noise",
+            "oracle_without_m1": f"{k}-NN oracle without m1", "memoriser": "label memoriser"}
+
+
+#: The file tag of each source (``laws_<tag>.npz``, ``equations_<tag>_galaxy<seed>.csv``) by section.
+SOURCE_TAGS = {"galaxies": "head", "oracle": "oracle", "truth": "truth", "oracle_without_m1": "oracle_no_m1",
+               "memoriser": "memoriser"}
+
+
 def run_controls(train: PlanetSteps, pool: PlanetSteps, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
                  pc, *, protocol: str, seed: int, sr_kwargs: dict, verdict_kwargs: dict | None,
                  run_dir: Path, cache_dir: str | Path | None) -> tuple[dict, dict]:
     """The model-independent controls of METHOD §4.4/§4.6 on the selected ``pool`` (the model's pool),
     through the same galaxies, regression and verdict: the k-NN oracle, the noisy truth, the oracle without
-    m1 and the label memoriser. Returns ``(sections, series)``: the ``results.json["probes"]`` sections by
-    name and the (true, predicted) |F| per control for the pred-vs-true figure."""
+    m1 and the label memoriser. Writes ``laws_<tag>.npz`` and the equation tables of each control that ran.
+    Returns ``(sections, predictions)``: the ``results.json["probes"]`` sections by name and the (true,
+    predicted) |F| at the pool per control, keyed by its :func:`source_titles` name."""
     orc = _get(pc, "oracle")
     ctl = _get(pc, "controls")
     k = int(_get(orc, "k", 2))
     X = pool.sr_inputs
-    jobs: list[tuple[str, str, dict, Any]] = []  # (section, file tag, extra fields, y or None)
+    jobs: list[tuple[str, dict, Any]] = []  # (section, extra fields, () -> y, or None when not applicable)
 
     def oracle(exclude=()):
         return lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k, exclude=exclude)
 
     if orc is None or _get(orc, "enabled", True):
-        jobs.append(("oracle", "oracle", {"k": k}, oracle()))
+        jobs.append(("oracle", {"k": k}, oracle()))
         noise = float(_get(orc, "truth_noise", 0.01))
         if noise >= 0 and _get(orc, "truth_control", True):
-            jobs.append(("truth", "truth", {"noise": noise},
-                         lambda: noisy_truth(pool.magnitude, noise, seed)))
+            jobs.append(("truth", {"noise": noise}, lambda: noisy_truth(pool.magnitude, noise, seed)))
     if _get(ctl, "oracle_without_m1", True):
         feats = [f for f in FEATURES if f != "log_m_planet"]
-        jobs.append(("oracle_without_m1", "oracle_no_m1", {"k": k, "features": feats},
-                     oracle(("log_m_planet",))))
+        jobs.append(("oracle_without_m1", {"k": k, "features": feats}, oracle(("log_m_planet",))))
     if _get(ctl, "memoriser", True):
         extra = {"r_from": "true state", "applicable": protocol != "unlabelled"}
-        jobs.append(("memoriser", "memoriser", extra,
+        jobs.append(("memoriser", extra,
                      None if protocol == "unlabelled" else (lambda: memoriser_predict(train, pool))))
-    titles = {"oracle": f"{k}-NN oracle", "truth": "true |F| with noise",
-              "oracle_without_m1": f"{k}-NN oracle without m1", "memoriser": "label memoriser"}
+    titles = source_titles(k)
     sections: dict[str, dict] = {}
-    series: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, tag, extra, make_y in jobs:
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, extra, make_y in jobs:
         if make_y is None:
             sections[name] = {**extra, "note": NOT_APPLICABLE, "galaxies": []}
             log.info("%s: %s (%s protocol)", name, NOT_APPLICABLE, protocol)
             continue
         y = make_y()
-        v, laws, cached = recover_laws_cached(X, y, galaxies, seeds, sr_kwargs, cache_dir=cache_dir,
-                                              out_dir=run_dir, tag=tag, verdict_kwargs=verdict_kwargs)
-        sections[name] = {**extra, "cached": cached, "galaxies": v}
-        series[titles[name]] = (pool.magnitude, y)
-        plot_laws(X, y, galaxies, laws, v, titles[name], run_dir / f"equations_{tag}.png")
-    return sections, series
+        tag = SOURCE_TAGS[name]
+        verdicts, _, cached = recover_laws_cached(X, y, galaxies, seeds, sr_kwargs, cache_dir=cache_dir,
+                                                  out_dir=run_dir, tag=tag, verdict_kwargs=verdict_kwargs)
+        sections[name] = {**extra, "cached": cached, "galaxies": verdicts}
+        predictions[titles[name]] = (pool.magnitude, y)
+        write_law_data(run_dir, tag, X, y, galaxies, seeds)
+    return sections, predictions
 
 
-# ------------------------------------------------------------------------------------------- plots
-def plot_linear(rows: list[dict], path: Path, *, untrained: list[dict] | None = None, floor: float = -0.5,
-                decodable_min_r2: float | None = None) -> None:
-    """Held-out R² per layer, one panel per probe kind (and one for the untrained control's ridge probes).
-
-    Every target is drawn (distinct colour *and* line style); R² below ``floor`` is not clipped silently: the
-    point sits on the floor as a downward triangle with its value written beside it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    kinds = sorted({r["probe"] for r in rows}, key=lambda p: (p != "ridge", p))          # ridge first
-    panels = [(p, f"{p} probes", [r for r in rows if r["probe"] == p]) for p in kinds]
-    if untrained:
-        panels.append(("ridge", "ridge probes, untrained network", [r for r in untrained if r["probe"] == "ridge"]))
-    targets = list(dict.fromkeys(r["target"] for r in rows))
-    cmap = plt.get_cmap("tab20" if len(targets) > 10 else "tab10")
-    styles = ["-", "--", "-.", ":"]
-    markers = ["o", "s", "^", "D", "P", "X"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
-    for ax, (_, title, prows) in zip(axes[0], panels):
-        below: dict[float, list[tuple[str, float, Any]]] = {}
-        for i, t in enumerate(targets):
-            pts = sorted((r["layer"], r["r2"]) for r in prows if r["target"] == t)
-            if not pts:
-                continue
-            x = np.array([a for a, _ in pts], dtype=float)
-            y = np.array([b for _, b in pts], dtype=float)
-            style = {"color": cmap(i % cmap.N), "ls": styles[i % len(styles)], "lw": 1.3}
-            ax.plot(x, np.maximum(y, floor), marker=markers[i % len(markers)], ms=4, label=t, **style)
-            low = y < floor
-            if low.any():
-                ax.plot(x[low], np.full(low.sum(), floor), "v", ms=8, color=style["color"])
-                for xi, yi in zip(x[low], y[low]):
-                    below.setdefault(float(xi), []).append((t, float(yi), style["color"]))
-        for xi, items in below.items():                  # one stacked label per layer: "target R²"
-            for k, (t, yi, colour) in enumerate(items):
-                ax.annotate(f"{t} {yi:.3g}", (xi, floor), xytext=(5, 6 + 7 * k), textcoords="offset points",
-                            fontsize=6, color=colour)
-        ax.axhline(0.0, color="k", lw=0.6)
-        if decodable_min_r2 is not None:
-            ax.axhline(decodable_min_r2, color="k", lw=0.6, ls=":")
-        ax.set(xlabel="layer (0 = embeddings, i = after block i)", ylabel=f"held-out R² (values < {floor} marked ▼)",
-               title=title, ylim=(floor - 0.05, 1.02))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_pred_vs_true(series: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 4.2), squeeze=False)
-    for ax, (name, (true, pred)) in zip(axes[0], series.items()):
-        ok = (true > 0) & (pred > 0)
-        ax.loglog(true[ok], pred[ok], ".", ms=2, alpha=0.4)
-        lo, hi = true[ok].min(), true[ok].max()
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax.set(xlabel="true |F| (M☉ AU yr⁻²)", ylabel="predicted |F|", title=name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_laws(X: np.ndarray, y: np.ndarray, galaxies, fits: list[SRResult], verdicts: list[dict], title: str,
-              path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import sympy as sp
-
-    fig, axes = plt.subplots(1, len(fits), figsize=(4.2 * len(fits), 4.4), squeeze=False)
-    for ax, idx, res, v in zip(axes[0], galaxies, fits, verdicts):
-        f = res.predict(X[idx])
-        ok = (y[idx] > 0) & (f > 0) & np.isfinite(f)
-        ax.loglog(y[idx][ok], f[ok], ".", ms=4, alpha=0.6, color="C0")
-        if ok.any():
-            lo, hi = y[idx][ok].min(), y[idx][ok].max()
-            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, zorder=0)
-        expr = str(sp.N(res.expression, 4))
-        expr = expr if len(expr) < 60 else expr[:57] + "..."
-        ax.set_title(f"galaxy {v['seed']}: {'NEWTON' if v['newtonian'] else 'not Newton'}\n{expr}", fontsize=7)
-        ax.set(xlabel="|F| fitted to", ylabel="law")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
+# ------------------------------------------------------------------------ numbers for the report's figures
 def _write_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` (dicts with the same keys) as a CSV with a header, written atomically; nothing when empty."""
     if not rows:
         return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode(), what=f"the probe table {Path(path).name}")
+
+
+def write_law_data(run_dir: str | Path, tag: str, X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray],
+                   seeds: Sequence[int]) -> Path:
+    """``run_dir/laws_<tag>.npz``: the points each galaxy's law was fitted on, galaxy after galaxy — ``X``
+    ``[n, 3]`` float64 (r AU, m1 M☉, m2 M☉), ``y`` ``[n]`` float64 (|F| fitted to, M☉ AU yr⁻²) and
+    ``galaxy`` ``[n]`` int64 (the seed of the point's galaxy); ``n`` = the sum of the galaxy sizes.
+    ``X``/``y`` are the pool's, ``galaxies`` index it. The report draws each law against these points."""
+    if len(galaxies) != len(seeds):
+        raise ValueError(f"write_law_data: {len(galaxies)} galaxies but {len(seeds)} seeds; one seed per galaxy")
+    X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
+    idx = [np.asarray(g, np.int64) for g in galaxies]
+    buf = io.BytesIO()
+    np.savez(buf, X=np.concatenate([X[g] for g in idx]) if idx else np.zeros((0, 3)),
+             y=np.concatenate([y[g] for g in idx]) if idx else np.zeros(0),
+             galaxy=np.concatenate([np.full(len(g), int(s), np.int64) for g, s in zip(idx, seeds)])
+             if idx else np.zeros(0, np.int64))
+    path = Path(run_dir) / f"laws_{tag}.npz"
+    atomic_write_bytes(path, buf.getvalue(), what=f"the {tag} laws' data")
+    return path
+
+
+def write_force_predictions(predictions: dict[str, tuple[np.ndarray, np.ndarray]], run_dir: str | Path
+                            ) -> Path | None:
+    """``run_dir/force_predictions.csv`` with columns ``source,true,pred``: one row per point of the pool
+    and source, |F| in M☉ AU yr⁻² (``repr`` precision, so the file reads back to the same floats). ``None``
+    (no file) when there is nothing to write."""
+    rows = [{"source": name, "true": repr(float(t)), "pred": repr(float(p))}
+            for name, (true, pred) in predictions.items() for t, p in zip(true, pred)]
+    if not rows:
+        return None
+    path = Path(run_dir) / "force_predictions.csv"
+    _write_csv(rows, path)
+    return path
 
 
 def _nested(rows: list[dict], probe: str) -> dict:
@@ -501,20 +471,15 @@ def load_model(cfg, run_dir: Path, device: str):
 
 def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: str = "cpu") -> dict:
     """§4.1 probes of ``model`` and (``probe.linear.untrained_control``) of its untrained twin on the same
-    sequences and split; writes ``probes_linear.csv`` (column ``model``: trained | untrained) and
-    ``probes_linear.png``; returns the ``results.json["probes"]`` keys ``linear``, ``mlp``, ``linear_probe``
-    and ``untrained`` (docs/results_schema.md)."""
-    from gravprobe.probes.linear import linear_report, run_linear_probes
-    from gravprobe.probes.readouts import untrained_twin
-
+    sequences and split; writes ``probes_linear.csv`` (column ``model``: trained | untrained); returns the
+    ``results.json["probes"]`` keys ``linear``, ``mlp``, ``linear_probe`` and ``untrained``
+    (docs/results_schema.md)."""
     rows = run_linear_probes(model, ds, lin, layers=layers, seed=seed, device=device)
     rows_u: list[dict] = []
     if _get(lin, "untrained_control", True):
         rows_u = run_linear_probes(untrained_twin(model, seed, device), ds, lin, layers=layers, seed=seed, device=device)
     _write_csv([{"model": "trained", **r} for r in rows] + [{"model": "untrained", **r} for r in rows_u],
                run_dir / "probes_linear.csv")
-    plot_linear(rows, run_dir / "probes_linear.png", untrained=rows_u,
-                decodable_min_r2=float(_get(lin, "decodable_min_r2", 0.05)))
     sec: dict[str, Any] = {"linear": _nested(rows, "ridge"), "linear_probe": linear_report(rows, rows_u, lin)}
     if any(r["probe"] == "mlp" for r in rows):
         sec["mlp"] = _nested(rows, "mlp")
@@ -529,117 +494,169 @@ def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: 
     return sec
 
 
-def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
-    """Everything after loading: linear probes, head, the controls, laws and verdicts (module docstring)."""
-    from gravprobe.common import update_results
-    from gravprobe.probes.force_head import finetune_force_head
+def _enabled(probe_cfg, part: str) -> bool:
+    """``probe.<part>`` is present and not ``enabled: false``."""
+    node = _get(probe_cfg, part)
+    return node is not None and bool(_get(node, "enabled", True))
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pc = cfg.probe
-    seed = int(_get(cfg, "seed", 0))
-    workers = int(_get(cfg, "workers", 0))
-    protocol = str(_get(pc, "protocol", "two_label"))
-    out: dict[str, Any] = {"protocol": protocol, "requested": requested_parts(pc), "done": []}
-    # §4.3 split under the protocol; checks the dataset against probe.protocol before any work
-    train, held = split_force_data(ds, protocol)
 
-    # §4.1 linear probes (on a copy of the pretrained weights: the head fine-tunes the trunk afterwards)
-    lin = _get(pc, "linear")
-    if lin is not None and _get(lin, "enabled", True):
-        out.update(linear_section(model, ds, lin, _get(pc, "layers", "all"), run_dir, seed=seed, device=device))
-    else:
-        out["linear"] = {}
-    # Liu's last-position readouts per hook site (with their untrained control), before the head fine-tunes
-    rd = _get(pc, "readouts")
-    if rd is not None and _get(rd, "enabled", True):
-        from gravprobe.probes.readouts import run_readouts
+def probe_linear(model, ds, probe_cfg, run_dir: Path, *, seed: int, device: str = "cpu") -> dict:
+    """§4.1, on the pretrained weights (before the head fine-tunes the trunk): :func:`linear_section`, or
+    ``{"linear": {}}`` when ``probe.linear`` is disabled."""
+    if not _enabled(probe_cfg, "linear"):
+        return {"linear": {}}
+    return linear_section(model, ds, _get(probe_cfg, "linear"), _get(probe_cfg, "layers", "all"), run_dir,
+                          seed=seed, device=device)
 
-        out["readouts"] = run_readouts(model, ds, _plain(rd), seed=seed, device=device)
 
-    # §4.3 selection: reference = training states = labelled steps (only sequences that carry labels);
-    # pool = the held-out steps nearest to them
-    sel = _get(pc, "selection")
-    max_ref = _get(sel, "max_reference", 200_000)
-    order, dist, nearest = select_nearest(train.state, held.state, int(_get(sel, "n_keep", 5000)),
+def probe_readouts(model, ds, probe_cfg, *, seed: int, device: str = "cpu") -> dict:
+    """Liu's last-position readouts per hook site with their untrained control, on the pretrained weights:
+    ``{"readouts": ...}`` (:func:`gravprobe.probes.readouts.run_readouts`), or ``{}`` when disabled."""
+    if not _enabled(probe_cfg, "readouts"):
+        return {}
+    return {"readouts": run_readouts(model, ds, _plain(_get(probe_cfg, "readouts")), seed=seed, device=device)}
+
+
+@dataclass
+class GalaxySelection:
+    """The §4.3 selection: ``order`` indexes the held-out steps (nearest to a training state first),
+    ``pool`` = those held-out steps, ``galaxies`` index the pool (one array per seed of ``seeds``), and
+    ``summary`` is ``results.json["probes"]["selection"]``."""
+
+    order: np.ndarray
+    pool: PlanetSteps
+    galaxies: list[np.ndarray]
+    seeds: list[int]
+    summary: dict
+
+
+def select_galaxies(train: PlanetSteps, held: PlanetSteps, selection_cfg, *, protocol: str, seed: int
+                    ) -> GalaxySelection:
+    """§4.3: the reference = the training states (labelled steps, only sequences that carry labels); the
+    pool = the ``n_keep`` held-out steps nearest to them; ``galaxy_size`` points per galaxy seed. Also
+    measures how often the nearest training state lies in the state's own sequence — over all training
+    states (the oracle's first neighbour) and over the selection's reference (a seeded subsample beyond
+    ``max_reference``)."""
+    max_ref = _get(selection_cfg, "max_reference", 200_000)
+    order, dist, nearest = select_nearest(train.state, held.state, int(_get(selection_cfg, "n_keep", 5000)),
                                           max_reference=max_ref, seed=seed, return_nearest=True)
-    seeds = [int(s) for s in _get(sel, "seeds", [0, 1, 2, 3, 4])]
-    size = min(int(_get(sel, "galaxy_size", 1000)), len(order))
+    seeds = [int(s) for s in _get(selection_cfg, "seeds", [0, 1, 2, 3, 4])]
+    size = min(int(_get(selection_cfg, "galaxy_size", 1000)), len(order))
     galaxies = make_galaxies(len(order), size, seeds)
     pool = held.subset(order)
-    X = pool.sr_inputs
-    # is the nearest training state in the state's own sequence? Over all training states (the oracle's
-    # first neighbour), and over the selection's reference (a seeded subsample beyond max_reference)
     subsampled = max_ref is not None and len(train) > int(max_ref)
     same_ref = train.system[nearest] == pool.system
     same_seq = train.system[nearest_training(train.state, pool.state)] == pool.system if subsampled else same_ref
-    out["selection"] = {"protocol": protocol, "reference": "labelled planet steps",
-                        "n_training_states": len(train),
-                        "n_reference_sequences": len(np.unique(train.system)),
-                        "n_heldout_states": len(held), "n_heldout_sequences": len(np.unique(held.system)),
-                        "n_pool": len(order), "galaxy_size": size, "seeds": seeds,
-                        "max_distance": float(dist.max()),
-                        "same_sequence_fraction": float(same_seq.mean()),
-                        "same_sequence_fraction_reference": float(same_ref.mean()),
-                        "reference_subsampled": subsampled,
-                        "same_sequence_fraction_galaxies": [float(same_seq[g].mean()) for g in galaxies]}
+    summary = {"protocol": protocol, "reference": "labelled planet steps",
+               "n_training_states": len(train),
+               "n_reference_sequences": len(np.unique(train.system)),
+               "n_heldout_states": len(held), "n_heldout_sequences": len(np.unique(held.system)),
+               "n_pool": len(order), "galaxy_size": size, "seeds": seeds,
+               "max_distance": float(dist.max()),
+               "same_sequence_fraction": float(same_seq.mean()),
+               "same_sequence_fraction_reference": float(same_ref.mean()),
+               "reference_subsampled": subsampled,
+               "same_sequence_fraction_galaxies": [float(same_seq[g].mean()) for g in galaxies]}
     log.info("selection (%s protocol): %.1f %% of the %d selected states have their nearest training state "
              "in their own sequence", protocol, 100 * same_seq.mean(), len(order))
-    sr_kwargs = sr_settings(cfg.sr, workers)
-    verdict_kwargs = _plain(_get(pc, "verdict")) or {}
-    out["sr"] = {k: v for k, v in sr_kwargs.items()}
+    return GalaxySelection(order, pool, galaxies, seeds, summary)
 
-    # §4.2 fine-tuned head → predictions at the held-out steps
-    head_cfg = _get(pc, "head")
-    series = {}
-    if head_cfg is not None and _get(head_cfg, "enabled", True):
-        n = ds.states.shape[0]
-        partial = np.unique(held.system)
-        max_train = _get(head_cfg, "max_train_systems")
-        train_systems = np.arange(n)
-        if max_train:  # held-out sequences are always kept (queried); unlabelled ones hold no training label
-            rng = np.random.default_rng(seed)
-            cand = np.arange(n) if protocol == "two_label" else np.setdiff1d(np.arange(n), partial)
-            picked = rng.choice(cand, min(int(max_train), len(cand)), replace=False)
-            train_systems = np.union1d(picked, partial)
-        qmask = (np.asarray(ds.bodies[partial]) >= 1) & ~np.asarray(ds.labelled[partial], dtype=bool)
-        res = finetune_force_head(model, ds, train_systems, partial, qmask, head_cfg, seed=seed, device=device)
-        if len(res.pred_magnitude) != len(held):  # pragma: no cover - ordering contract
-            raise RuntimeError("force-head predictions do not line up with the held-out steps")
-        y_head = res.pred_magnitude[order]
-        series["fine-tuned head"] = (pool.magnitude, y_head)
-        _write_csv([{"step": i, "loss": l} for i, l in enumerate(res.losses)], run_dir / "force_head_loss.csv")
-        ok = y_head > 0
-        rel = np.abs(np.log(y_head[ok]) - np.log(pool.magnitude[ok]))
-        n_lab, _ = sequence_label_counts(ds)
-        out["head"] = {"protocol": res.protocol, "steps": len(res.losses),
-                       "n_train_sequences_with_labels": int((n_lab[train_systems] > 0).sum()),
-                       "loss": {"first": res.losses[0] if res.losses else None,
-                                "last": float(np.mean(res.losses[-20:])) if res.losses else None},
-                       "median_abs_log_error": float(np.median(rel)) if ok.any() else None}
-        v, fits = recover_laws(X, y_head, galaxies, seeds, sr_kwargs, out_dir=run_dir, tag="head",
-                               verdict_kwargs=verdict_kwargs)
-        out["galaxies"] = v
-        plot_laws(X, y_head, galaxies, fits, v, "fine-tuned model", run_dir / "equations_head.png")
+
+def head_training_systems(ds, held: PlanetSteps, head_cfg, *, protocol: str, seed: int) -> np.ndarray:
+    """The sequences the head fine-tunes on: all, or ``probe.head.max_train_systems`` of them drawn with
+    ``default_rng(seed)`` plus every held-out sequence (they are queried; under ``unlabelled`` they hold no
+    label, so they are not among the drawn ones)."""
+    n = ds.states.shape[0]
+    heldout_systems = np.unique(held.system)
+    max_train = _get(head_cfg, "max_train_systems")
+    if not max_train:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    candidates = np.arange(n) if protocol == "two_label" else np.setdiff1d(np.arange(n), heldout_systems)
+    picked = rng.choice(candidates, min(int(max_train), len(candidates)), replace=False)
+    return np.union1d(picked, heldout_systems)
+
+
+def probe_force_head(model, ds, held: PlanetSteps, selection: GalaxySelection, head_cfg, run_dir: Path, *,
+                     protocol: str, seed: int, device: str = "cpu") -> tuple[dict, np.ndarray]:
+    """§4.2: fine-tune the trunk and a new head on the labelled steps, predict |F| at every held-out step.
+    Writes ``force_head_loss.csv``; returns ``(results.json["probes"]["head"], predicted |F| at the pool
+    [n_pool] in M☉ AU yr⁻²)``."""
+    train_systems = head_training_systems(ds, held, head_cfg, protocol=protocol, seed=seed)
+    heldout_systems = np.unique(held.system)
+    query_mask = (np.asarray(ds.bodies[heldout_systems]) >= 1) & ~np.asarray(ds.labelled[heldout_systems], bool)
+    res = finetune_force_head(model, ds, train_systems, heldout_systems, query_mask, head_cfg, seed=seed,
+                              device=device)
+    if len(res.pred_magnitude) != len(held):  # pragma: no cover - ordering contract
+        raise RuntimeError("force-head predictions do not line up with the held-out steps")
+    predicted = res.pred_magnitude[selection.order]
+    true = selection.pool.magnitude
+    _write_csv([{"step": i, "loss": l} for i, l in enumerate(res.losses)], run_dir / "force_head_loss.csv")
+    positive = predicted > 0
+    abs_log_error = np.abs(np.log(predicted[positive]) - np.log(true[positive]))
+    labels_per_sequence, _ = sequence_label_counts(ds)
+    section = {"protocol": res.protocol, "steps": len(res.losses),
+               "n_train_sequences_with_labels": int((labels_per_sequence[train_systems] > 0).sum()),
+               "loss": {"first": res.losses[0] if res.losses else None,
+                        "last": float(np.mean(res.losses[-20:])) if res.losses else None},
+               "median_abs_log_error": float(np.median(abs_log_error)) if positive.any() else None}
+    return section, predicted
+
+
+def head_laws(selection: GalaxySelection, predicted: np.ndarray, run_dir: Path, *, sr_kwargs: dict,
+              verdict_kwargs: dict | None) -> list[dict]:
+    """The fine-tuned model's law per galaxy and its verdict (``results.json["probes"]["galaxies"]``);
+    writes ``laws_head.npz`` and ``equations_head_galaxy<seed>.csv``."""
+    X = selection.pool.sr_inputs
+    verdicts, _ = recover_laws(X, predicted, selection.galaxies, selection.seeds, sr_kwargs, out_dir=run_dir,
+                               tag="head", verdict_kwargs=verdict_kwargs)
+    write_law_data(run_dir, "head", X, predicted, selection.galaxies, selection.seeds)
+    return verdicts
+
+
+def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
+    """Everything after loading, in order (module docstring): the frozen-model probes, the selection, the
+    fine-tuned head and its laws (saved at once, so they survive an interruption of the controls), the
+    controls, the counts rule; writes the numbers files and ``results.json["probes"]``, which it returns."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe_cfg = cfg.probe
+    seed = int(_get(cfg, "seed", 0))
+    protocol = str(_get(probe_cfg, "protocol", "two_label"))
+    out: dict[str, Any] = {"protocol": protocol, "requested": requested_parts(probe_cfg), "done": []}
+    train, held = split_force_data(ds, protocol)   # checks the dataset against probe.protocol before any work
+
+    out.update(probe_linear(model, ds, probe_cfg, run_dir, seed=seed, device=device))
+    out.update(probe_readouts(model, ds, probe_cfg, seed=seed, device=device))
+    selection = select_galaxies(train, held, _get(probe_cfg, "selection"), protocol=protocol, seed=seed)
+    out["selection"] = selection.summary
+    sr_kwargs = sr_settings(cfg.sr, int(_get(cfg, "workers", 0)))
+    verdict_kwargs = _plain(_get(probe_cfg, "verdict")) or {}
+    out["sr"] = dict(sr_kwargs)
+
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out["galaxies"] = []
+    if _enabled(probe_cfg, "head"):
+        out["head"], predicted = probe_force_head(model, ds, held, selection, _get(probe_cfg, "head"), run_dir,
+                                                  protocol=protocol, seed=seed, device=device)
+        predictions[source_titles()["galaxies"]] = (selection.pool.magnitude, predicted)
+        out["galaxies"] = head_laws(selection, predicted, run_dir, sr_kwargs=sr_kwargs,
+                                    verdict_kwargs=verdict_kwargs)
         out["done"] = parts_done(out)
-        update_results(run_dir, "probes", out)  # partial results survive an interruption of the controls
-    else:
-        out["galaxies"] = []
+        update_results(run_dir, "probes", out)
 
-    # §4.4/§4.6 model-independent controls, through the same selection, galaxies, regression and verdict
-    # (cached by content under probe.controls.cache_dir: a study on one dataset fits them once)
-    ctl = _get(pc, "controls")
-    cache_dir = _get(ctl, "cache_dir")
-    sections, control_series = run_controls(train, pool, galaxies, seeds, pc, protocol=protocol, seed=seed,
-                                            sr_kwargs=sr_kwargs, verdict_kwargs=verdict_kwargs,
-                                            run_dir=run_dir, cache_dir=cache_dir)
-    out.update(sections)
-    series.update(control_series)
-    counts, reason = result_counts(protocol, out.get("galaxies") or [], out.get("memoriser"))
+    # model-independent controls, through the same selection, galaxies, regression and verdict (cached by
+    # content under probe.controls.cache_dir: a study on one dataset fits them once)
+    controls, control_predictions = run_controls(
+        train, selection.pool, selection.galaxies, selection.seeds, probe_cfg, protocol=protocol, seed=seed,
+        sr_kwargs=sr_kwargs, verdict_kwargs=verdict_kwargs, run_dir=run_dir,
+        cache_dir=_get(_get(probe_cfg, "controls"), "cache_dir"))
+    out.update(controls)
+    predictions.update(control_predictions)
+    counts, reason = result_counts(protocol, out["galaxies"], out.get("memoriser"))
     out.update({"counts": counts, "counts_reason": reason, "counts_rule": COUNTS_RULE})
     log.info("result counts: %s (%s)", counts, reason)
-    if series:
-        plot_pred_vs_true(series, run_dir / "force_pred_vs_true.png")
+    write_force_predictions(predictions, run_dir)
     out["done"] = parts_done(out)
     update_results(run_dir, "probes", out)
     return out
@@ -653,14 +670,12 @@ def main(cfg, run_dir) -> dict:
     model, meta, ckpt = load_model(cfg, run_dir, device)
     out = run_probes(model, ds, cfg, run_dir, device=device)
     # which model was probed: a probe-only folder names its arm from the checkpoint, not from cfg.attention
-    from gravprobe.common import arm_label, update_results
-
     att = (meta.get("model_config") or {}).get("attention") or {}
     out = update_results(run_dir, "probes", {**out, "attention": att.get("name"), "arm": arm_label(att),
                                              "checkpoint": str(ckpt)})["probes"]
     summary = {"checkpoint": str(ckpt),
                "newtonian_galaxies": sum(g["newtonian"] for g in out.get("galaxies", [])),
-               "oracle_newtonian_galaxies": sum(g["newtonian"] for g in out.get("oracle", {}).get("galaxies", [])),
+               "oracle_newtonian_galaxies": (sum(g["newtonian"] for g in out["oracle"]["galaxies"]) if (out.get("oracle") or {}).get("galaxies") else "not run here (probe.oracle.enabled=false: under `gravprobe run` the model-independent controls are computed once, with the first variant, and shared)"),
                "n_galaxies": len(out.get("galaxies", [])), "protocol": out.get("protocol"),
                "counts": out.get("counts")}
     log.info("probe summary: %s", summary)

@@ -112,7 +112,7 @@ def capture_sites(model, ds, systems: np.ndarray, steps: np.ndarray, *, batch_si
             for b in range(0, len(systems), batch_size):
                 sl = slice(b, b + batch_size)
                 # causal: positions after the read step change nothing, so the input stops there
-                x = model_inputs(model, ds, systems[sl])[:, : int(steps[sl].max()) + 1].to(device)
+                x = model_inputs(model, ds, systems[sl], int(steps[sl].max()) + 1).to(device)
                 got.clear()
                 model.hidden_states(x)
                 rows = torch.arange(x.shape[0], device=device)
@@ -177,7 +177,7 @@ def attention_mass(model, ds, systems: np.ndarray, windows: Sequence[int] = DEFA
                 if not bool(qm.any()):
                     continue
                 inputs.clear()
-                model.hidden_states(model_inputs(model, ds, systems[sl])[:, :T].to(device))
+                model.hidden_states(model_inputs(model, ds, systems[sl], T).to(device))
                 cnt = int(qm.sum())
                 for li, blk in enumerate(blocks):
                     a = blk.attn.attention_weights(inputs[li]).double()              # [B, H, T, T]

@@ -189,7 +189,8 @@ SMALL = ["probe.linear.n_systems=40", "probe.linear.max_steps_per_system=8", "pr
 
 
 def test_probe_stage_end_to_end(tmp_path, monkeypatch):
-    """`main` on a tiny random checkpoint and a generated force dataset: results.json, CSVs and PNGs."""
+    """`main` on a tiny random checkpoint and a generated force dataset: results.json and the numbers files
+    the report draws from (the stage itself draws nothing)."""
     from gravprobe.probes import pipeline
 
     monkeypatch.setenv("GRAVPROBE_HOME", str(tmp_path / "home"))
@@ -207,10 +208,32 @@ def test_probe_stage_end_to_end(tmp_path, monkeypatch):
             assert {"seed", "expression", "newtonian", "reasons", "exponents", "r2_newton"} <= set(g)
             assert isinstance(g["newtonian"], bool) and set(g["exponents"]) == {"r", "m1", "m2"}
     assert all(g["newtonian"] for g in res["truth"]["galaxies"])     # the control works even at this size
-    for name in ("probes_linear.csv", "probes_linear.png", "force_pred_vs_true.png", "equations_head.png",
-                 "equations_oracle.png", "equations_head_galaxy0.csv", "equations_oracle_galaxy1.csv",
+    for name in ("probes_linear.csv", "force_predictions.csv", "laws_head.npz", "laws_oracle.npz",
+                 "laws_truth.npz", "equations_head_galaxy0.csv", "equations_oracle_galaxy1.csv",
                  "force_head_loss.csv"):
         assert (run_dir / name).exists(), name
+    assert not list(run_dir.glob("*.png"))                            # figures are the report's
+    # force_predictions.csv: one row per pool point and source, |F| true and predicted
+    import csv
+
+    with open(run_dir / "force_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["source", "true", "pred"]
+    n_pool = res["selection"]["n_pool"]
+    sources = ["fine-tuned head", "2-NN oracle", "true |F| with noise", "2-NN oracle without m1", "label memoriser"]
+    assert [r["source"] for r in rows] == [s for s in sources for _ in range(n_pool)]
+    true = np.array([float(r["true"]) for r in rows]).reshape(len(sources), n_pool)
+    assert (true == true[0]).all() and (true > 0).all()                 # the same points for every source
+    # laws_<source>.npz: the points each galaxy's law was fitted on, galaxy by galaxy
+    pred = np.array([float(r["pred"]) for r in rows]).reshape(len(sources), n_pool)
+    galaxies = make_galaxies(n_pool, 150, [0, 1])                        # the stage's galaxies (seeded)
+    for tag, k, section in (("head", 0, res["galaxies"]), ("oracle", 1, res["oracle"]["galaxies"])):
+        laws = np.load(run_dir / f"laws_{tag}.npz")
+        assert laws["X"].shape == (2 * 150, 3) and laws["y"].shape == laws["galaxy"].shape == (2 * 150,)
+        assert list(np.unique(laws["galaxy"])) == [g["seed"] for g in section] == [0, 1]
+        np.testing.assert_array_equal(laws["y"], pred[k][np.concatenate(galaxies)])
+        r, m1, m2 = laws["X"].T                                           # Newton holds on the true |F|
+        np.testing.assert_allclose(true[0][np.concatenate(galaxies)], G * m1 * m2 / r**2, rtol=3e-3)
     # the dataset went where the pipeline convention says
     assert list((tmp_path / "home" / "data").glob("two_body_force-*-s0"))
 
@@ -239,7 +262,14 @@ def test_run_probes_without_head_still_reports_controls(ds, tmp_path):
     assert set(out["requested"]) <= set(out["done"]) and out["counts"] is False
     for tag in ("oracle", "oracle_no_m1", "memoriser"):
         assert (tmp_path / f"equations_{tag}_galaxy1.csv").exists()
-        assert (tmp_path / f"equations_{tag}.png").exists()
+        laws = np.load(tmp_path / f"laws_{tag}.npz")
+        assert laws["X"].shape == (2 * 150, 3) and list(np.unique(laws["galaxy"])) == [0, 1]
+    assert not (tmp_path / "laws_head.npz").exists() and not list(tmp_path.glob("*.png"))
+    import csv
+
+    with open(tmp_path / "force_predictions.csv") as f:
+        assert {r["source"] for r in csv.DictReader(f)} == {"2-NN oracle", "2-NN oracle without m1",
+                                                            "label memoriser"}
     assert json.loads((tmp_path / "results.json").read_text())["probes"]["done"] == out["done"]
 
 
@@ -380,6 +410,7 @@ def test_memoriser_has_no_labels_under_unlabelled(ds_unlabelled, tmp_path):
     assert sections == {"memoriser": {"r_from": "true state", "applicable": False, "galaxies": [],
                                       "note": "not applicable: no labels in held-out sequences"}}
     assert series == {} and not list(tmp_path.glob("equations_memoriser*"))
+    assert not list(tmp_path.glob("laws_*"))                             # no law, so no law data
 
 
 def test_oracle_without_m1_never_sees_m1(ds):

@@ -1,5 +1,6 @@
 """Probe statistics (issue 10): grouped-CV ridge, held-out R², "not decodable", log targets, the untrained
-control's report, the R² figure, and the seeded force head (same predictions in two processes)."""
+control's report, the probe modules' imports, the input rule shared with pretraining (issue 12), and the
+seeded force head (same predictions in two processes)."""
 from __future__ import annotations
 
 import subprocess
@@ -129,13 +130,49 @@ def test_linear_report_untrained_control_and_not_decodable():
     assert linear_report(rows, None, {})["targets"]["F"]["beats_untrained"] is None
 
 
-def test_plot_linear_marks_values_below_the_floor(tmp_path):
-    from gravprobe.probes.pipeline import plot_linear
+def test_probe_modules_import_neither_torch_nor_matplotlib_nor_pysr():
+    """Issue 12: the probe stage writes numbers (the report draws); torch is imported by the functions that
+    run a model, PySR (Julia) only when it is the chosen engine."""
+    code = ("import sys\n"
+            "import gravprobe.probes.pipeline, gravprobe.probes.linear, gravprobe.probes.readouts\n"
+            "import gravprobe.probes.force_head, gravprobe.probes.data, gravprobe.probes.verdict\n"
+            "print(sorted(m for m in ('torch', 'matplotlib', 'pysr', 'juliacall') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
-    rows = [{"probe": p, "layer": l, "target": t, "r2": v}
-            for p in ("ridge", "mlp") for i, t in enumerate(TARGETS) for l, v in enumerate([-40.0, 0.1 * i, 0.9])]
-    plot_linear(rows, tmp_path / "a.png", untrained=rows, decodable_min_r2=0.05)
-    assert (tmp_path / "a.png").stat().st_size > 10_000
+
+def test_model_inputs_are_the_pretraining_inputs():
+    """Issue 12: one function turns dataset rows into model input for pretraining and the probes. A step
+    is a coordinate when its token ids are bins (< n_bins); in generated data that is exactly bodies >= 0,
+    and a dataset stored without `bodies` (data.arrays) is probed the same way."""
+    from gravprobe.orbits import DatasetSpec, generate_arrays
+    from gravprobe.pretrain.data import orbit_inputs
+    from gravprobe.pretrain.model import GPT, GPTConfig
+    from gravprobe.probes.linear import model_inputs, orbit_n_bins
+
+    spec = DatasetSpec.from_config({"name": "two_body_force", "planets": [1, 1], "n_systems": 6, "seq_len": 33,
+                                    "labelling": {"full_systems": 4, "partial_steps": 2}, "shard_size": 6})
+    arrays = generate_arrays(spec, seed=0)
+    ds = types.SimpleNamespace(**arrays)
+    systems = np.array([4, 0, 2])
+    for mode in ("discrete", "continuous"):
+        model = GPT(GPTConfig(n_layers=1, n_heads=1, d_model=8, block_size=33, orbit_vocab=spec.n_bins + 3,
+                              orbit_mode=mode, attention={"name": "softmax", "params": {}, "backend": "torch"}))
+        x = model_inputs(model, ds, systems).numpy()
+        np.testing.assert_array_equal(x, orbit_inputs(arrays["tokens"], arrays["positions"], systems, 33,
+                                                      spec.n_bins, mode))
+        no_bodies = types.SimpleNamespace(tokens=arrays["tokens"], positions=arrays["positions"])
+        np.testing.assert_array_equal(model_inputs(model, no_bodies, systems, 20).numpy(), x[:, :20])
+        if mode == "continuous":
+            np.testing.assert_array_equal(np.isnan(x).all(-1), arrays["bodies"][systems] < 0)
+            np.testing.assert_array_equal(x[~np.isnan(x)], arrays["positions"][systems][~np.isnan(x)])
+        else:
+            assert x.dtype == np.int64 and (x == arrays["tokens"][systems]).all()
+    # a discrete model cannot read data tokenised with other bins: refused, naming the fix
+    other = types.SimpleNamespace(**arrays, spec=types.SimpleNamespace(n_bins=128))
+    with pytest.raises(ValueError, match=r"n_bins=128.*force_data.n_bins=7000"):
+        orbit_n_bins(GPT(GPTConfig(n_layers=1, n_heads=1, d_model=8, orbit_vocab=7003)), other)
 
 
 # ----------------------------------------------------------------------------------- seeded force head
