@@ -38,7 +38,7 @@ class PhysicsError(ValueError):
 
 
 class EccentricityError(PhysicsError):
-    """An eccentricity outside [0, 1): only bound, elliptical orbits are supported."""
+    """An eccentricity outside [0, 1): negative, unbound (e >= 1) or not finite."""
 
 
 class MassError(PhysicsError):
@@ -50,7 +50,7 @@ class SemiMajorAxisError(PhysicsError):
 
 
 class TimeStepError(PhysicsError):
-    """A non-positive (or non-finite) time step."""
+    """A non-positive (or non-finite) time step, or fewer than one integration sub-step."""
 
 
 class MassRatioError(PhysicsError):
@@ -61,32 +61,114 @@ class IntegrationError(PhysicsError):
     """A numerical method did not converge (e.g. an unbound or singular state)."""
 
 
+class StateError(PhysicsError):
+    """A position, velocity or angle that is not finite (NaN or inf), or a singular state (two bodies at
+    zero separation, where gravity and the orbital elements are undefined)."""
+
+
+# ------------------------------------------------------------------------------------------- validation
+# Every public function validates its arguments once, here at the boundary, naming the argument; the
+# numerical kernels below (``_kepler_sincos``, ``_kepler_xy``, ``_kepler_drift``, ``_integrate_nbody``)
+# and the numba engine in :mod:`gravprobe.orbits.fused` trust their inputs.
+def _fmt_bad(x: np.ndarray, bad: np.ndarray) -> str:
+    """The offending values of ``x`` (where ``bad``): ``1.5`` for one value, else up to five of them with
+    their count and the index of the first."""
+    if x.size == 1:
+        return repr(float(x.ravel()[0]))
+    n = int(bad.sum())
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    vals = x[bad].ravel()[:5].tolist()
+    return f"{vals}{' ...' if n > 5 else ''} ({n} of {x.size} values; the first at index {first})"
+
+
+def _as_float(name: str, x) -> np.ndarray:
+    """``x`` as a float64 array, or a TypeError naming ``name`` (strings, None, ragged lists...)."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be a number or an array of numbers, got {x!r}")
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a number or an array of numbers, got {x!r} ({exc})") from None
+
+
 def _check_positive(name: str, x, err: type[PhysicsError], fix: str) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
+    x = _as_float(name, x)
     bad = ~(np.isfinite(x) & (x > 0))
     if bad.any():
-        raise err(f"{name} must be finite and > 0, got {x[bad].ravel()[:5].tolist()}; {fix}")
+        raise err(f"{name} must be finite and > 0, got {_fmt_bad(x, bad)}; {fix}")
     return x
 
 
+def _check_finite(name: str, x, what: str = "values", err: type[PhysicsError] | None = None) -> np.ndarray:
+    """``x`` as float64; a :class:`StateError` (or ``err``) naming ``name`` where it is NaN or inf."""
+    x = _as_float(name, x)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise (err or StateError)(f"{name} must be finite {what}, got {_fmt_bad(x, bad)} (NaN or inf); "
+                                  f"check how {name} was computed")
+    return x
+
+
+def _check_xy(name: str, x, unit: str) -> np.ndarray:
+    """A finite array of 2-D vectors ``[..., 2]`` (``unit`` for the message)."""
+    x = _as_float(name, x)
+    if x.ndim == 0 or x.shape[-1] != 2:
+        raise ValueError(f"{name} must hold (x, y) vectors, shape [..., 2] in {unit}, got shape {x.shape}")
+    return _check_finite(name, x, f"coordinates ({unit})")
+
+
+def _broadcast(func: str, **arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``np.broadcast_arrays`` of the named arrays, or a ValueError listing every argument's shape."""
+    try:
+        return tuple(np.broadcast_arrays(*arrays.values()))
+    except ValueError:
+        shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in arrays.items())
+        raise ValueError(f"{func}: the arguments must broadcast to one shape, got {shapes}") from None
+
+
+def _check_count(name: str, value, minimum: int, err: type[ValueError] = ValueError) -> int:
+    """An integer count (``int`` or numpy integer, not bool or float) ``>= minimum``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        hint = (f"; pass {name}={int(value)}" if isinstance(value, (float, np.floating)) and np.isfinite(value)
+                and float(value).is_integer() else "")
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__}){hint}")
+    if value < minimum:
+        raise err(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_masses(m, name: str = "mass") -> np.ndarray:
+    """``m`` as float64 (any shape); :class:`MassError` naming ``name`` unless every mass is finite and > 0."""
     return _check_positive(name, m, MassError, "masses are in solar masses and must be positive")
 
 
-def check_semi_major_axis(a) -> np.ndarray:
-    return _check_positive("semi-major axis", a, SemiMajorAxisError, "give a in AU, > 0 (bound orbits)")
+def check_semi_major_axis(a, name: str = "semi-major axis") -> np.ndarray:
+    """``a`` as float64; :class:`SemiMajorAxisError` naming ``name`` unless finite and > 0 (AU)."""
+    return _check_positive(name, a, SemiMajorAxisError, "give a in AU, > 0 (bound orbits)")
 
 
-def check_dt(dt) -> np.ndarray:
-    return _check_positive("time step dt", dt, TimeStepError, "give dt in years, > 0")
+def check_dt(dt, name: str = "time step dt") -> np.ndarray:
+    """``dt`` as float64; :class:`TimeStepError` naming ``name`` unless finite and > 0 (years)."""
+    return _check_positive(name, dt, TimeStepError, "give dt in years, > 0")
 
 
-def check_eccentricity(e) -> np.ndarray:
-    e = np.asarray(e, dtype=np.float64)
-    bad = ~(np.isfinite(e) & (e >= 0) & (e < 1))
-    if bad.any():
-        raise EccentricityError(f"eccentricity must lie in [0, 1), got {e[bad].ravel()[:5].tolist()}; "
-                                "unbound (e >= 1) orbits are not supported")
+def check_eccentricity(e, name: str = "eccentricity") -> np.ndarray:
+    """``e`` as float64; :class:`EccentricityError` naming ``name`` and the problem (not finite, negative or
+    unbound) unless every value lies in [0, 1)."""
+    e = _as_float(name, e)
+    nonfinite = ~np.isfinite(e)
+    with np.errstate(invalid="ignore"):
+        neg, unbound = e < 0, e >= 1
+    if nonfinite.any():
+        raise EccentricityError(f"{name} must lie in [0, 1), got {_fmt_bad(e, nonfinite)}: not finite (NaN or "
+                                "inf); check how it was computed")
+    if neg.any():
+        raise EccentricityError(f"{name} must lie in [0, 1), got {_fmt_bad(e, neg)}: negative; an "
+                                "eccentricity is the length of the eccentricity vector (0 = circle), so pass "
+                                "|e| and set the orbit's orientation with omega")
+    if unbound.any():
+        raise EccentricityError(f"{name} must lie in [0, 1), got {_fmt_bad(e, unbound)}: e >= 1 is an unbound "
+                                "(parabolic or hyperbolic) orbit, which is not supported; pass 0 <= e < 1")
     return e
 
 
@@ -99,9 +181,30 @@ def check_star_dominates(m_planet, m_star) -> None:
                              "need a star heavier than each planet")
 
 
+def _check_mu(mu, name: str = "mu") -> np.ndarray:
+    return _check_positive(name, mu, MassError, "mu = G (m1 + m2) in AU^3/yr^2 (G = 4 pi^2) must be positive")
+
+
+def _scalar_out(x: np.ndarray, shape: tuple) -> np.ndarray:
+    """Results of a flattened computation back in ``shape``; a 0-d ``shape`` gives a numpy float64 scalar."""
+    x = x.reshape(shape)
+    return x[()] if x.ndim == 0 else x
+
+
 # ------------------------------------------------------------------------------------------------ Kepler
 def orbital_period(a, mu) -> np.ndarray:
-    """Kepler's third law ``P = 2 pi sqrt(a^3 / mu)`` in years (a in AU, mu = G(m1+m2) in AU^3/yr^2)."""
+    """Kepler's third law ``P = 2 pi sqrt(a^3 / mu)`` in years (a in AU, mu = G(m1+m2) in AU^3/yr^2).
+
+    ``a`` and ``mu`` broadcast; scalars give a numpy float64 scalar. A non-positive or non-finite ``a``
+    raises :class:`SemiMajorAxisError`, ``mu`` :class:`MassError`.
+    """
+    a = check_semi_major_axis(a, "orbital_period: a (semi-major axis, AU)")
+    mu = _check_mu(mu, "orbital_period: mu")
+    a, mu = _broadcast("orbital_period", a=a, mu=mu)
+    return _orbital_period(a, mu)
+
+
+def _orbital_period(a, mu):
     return 2.0 * np.pi * np.sqrt(np.asarray(a, float) ** 3 / np.asarray(mu, float))
 
 
@@ -241,13 +344,17 @@ def _kepler_sincos(mean_anomaly, e) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 def solve_kepler(mean_anomaly, e) -> np.ndarray:
     """Eccentric anomaly E solving ``E - e sin E = M`` elementwise (any broadcastable shapes), vectorised.
 
-    See :func:`_kepler_sincos` for the method (no per-point loop, residual <= 1e-15 rad). e < 1 is
-    required, not checked here (:func:`check_eccentricity`). The result keeps the 2 pi multiple of M,
-    so ``|E - M| <= e``.
+    See :func:`_kepler_sincos` for the method (no per-point loop, residual <= 1e-15 rad). The result keeps
+    the 2 pi multiple of M, so ``|E - M| <= e``. Scalars give a numpy float64 scalar, arrays an array of the
+    broadcast shape. ``e`` must lie in [0, 1) (:class:`EccentricityError` says whether it is negative,
+    unbound or NaN) and ``mean_anomaly`` (rad) must be finite (:class:`StateError`).
     """
-    M, e = np.broadcast_arrays(np.asarray(mean_anomaly, np.float64), np.asarray(e, np.float64))
-    E, _, _, turns = _kepler_sincos(M, e)
-    return E + 2 * np.pi * turns
+    M = _check_finite("solve_kepler: mean_anomaly", mean_anomaly, "angles (rad)")
+    e = check_eccentricity(e, "solve_kepler: e (eccentricity)")
+    M, e = _broadcast("solve_kepler", mean_anomaly=M, e=e)
+    shape = M.shape
+    E, _, _, turns = _kepler_sincos(M.ravel(), e.ravel())
+    return _scalar_out(E + 2 * np.pi * turns, shape)
 
 
 def kepler_state(a, e, omega, mean_anomaly, mu) -> tuple[np.ndarray, np.ndarray]:
@@ -255,14 +362,23 @@ def kepler_state(a, e, omega, mean_anomaly, mu) -> tuple[np.ndarray, np.ndarray]
 
     ``a`` semi-major axis (AU), ``e`` eccentricity, ``omega`` argument of periapsis (rad, measured
     counter-clockwise from +x; motion is counter-clockwise), ``mean_anomaly`` (rad; 0 = periapsis),
-    ``mu = G (m1 + m2)``. All inputs broadcast. Uses the perifocal form
+    ``mu = G (m1 + m2)`` (AU^3/yr^2). All inputs broadcast to a batch shape S; the outputs are
+    ``S + (2,)`` (scalars give two arrays of shape (2,)). Uses the perifocal form
     ``x = a (cos E - e), y = a sqrt(1-e^2) sin E`` (equivalent to METHOD's true-anomaly form,
-    ``r = a (1 - e cos E)``) rotated by ``omega``.
+    ``r = a (1 - e cos E)``) rotated by ``omega``. Invalid elements raise the typed errors of
+    :func:`check_semi_major_axis`, :func:`check_eccentricity`, :class:`StateError` (a NaN/inf angle) and
+    :class:`MassError` (``mu``), each naming the argument.
     """
-    a, e, omega, M, mu = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64)
-                                                for x in (a, e, omega, mean_anomaly, mu)))
+    a = check_semi_major_axis(a, "kepler_state: a (semi-major axis, AU)")
+    e = check_eccentricity(e, "kepler_state: e (eccentricity)")
+    omega = _check_finite("kepler_state: omega", omega, "angles (rad)")
+    M = _check_finite("kepler_state: mean_anomaly", mean_anomaly, "angles (rad)")
+    mu = _check_mu(mu, "kepler_state: mu")
+    a, e, omega, M, mu = _broadcast("kepler_state", a=a, e=e, omega=omega, mean_anomaly=M, mu=mu)
+    shape = a.shape
+    a, e, omega, M, mu = (x.ravel() for x in (a, e, omega, M, mu))
     pos, vel = _kepler_xy(a, e, np.sqrt(1.0 - e * e), np.cos(omega), np.sin(omega), np.sqrt(mu / a**3), M)
-    return np.stack(pos, axis=-1), np.stack(vel, axis=-1)
+    return np.stack(pos, axis=-1).reshape(shape + (2,)), np.stack(vel, axis=-1).reshape(shape + (2,))
 
 
 def _kepler_xy(a, e, q, cw, sw, n, M):
@@ -307,12 +423,20 @@ def elements_from_state(rel_pos, rel_vel, mu) -> Elements:
     """Orbital elements from relative position [..., 2] (AU), velocity [..., 2] (AU/yr) and ``mu``.
 
     ``mu = G (m_planet + m_star)`` in AU^3/yr^2 (broadcast against the batch shape). The eccentricity
-    vector is the Laplace–Runge–Lenz vector divided by mu: ``e_vec = (v x h) / mu - r_hat``.
+    vector is the Laplace–Runge–Lenz vector divided by mu: ``e_vec = (v x h) / mu - r_hat``. One state
+    (shape (2,)) gives numpy float64 scalars (``lrl`` shape (2,)). Unbound states are allowed (``e >= 1``,
+    ``a < 0``); NaN/inf or a zero separation raise :class:`StateError`, ``mu <= 0`` :class:`MassError`.
     """
-    r = np.asarray(rel_pos, dtype=np.float64)
-    v = np.asarray(rel_vel, dtype=np.float64)
-    mu = np.asarray(mu, dtype=np.float64)
+    r = _check_xy("elements_from_state: rel_pos", rel_pos, "AU")
+    v = _check_xy("elements_from_state: rel_vel", rel_vel, "AU/yr")
+    mu = _check_mu(mu, "elements_from_state: mu")
+    try:
+        np.broadcast_shapes(r.shape[:-1], v.shape[:-1], mu.shape)
+    except ValueError:
+        raise ValueError(f"elements_from_state: rel_pos {r.shape}, rel_vel {v.shape} and mu {mu.shape} must "
+                         "broadcast (positions and velocities [..., 2], mu over the batch shape)") from None
     rn = np.hypot(r[..., 0], r[..., 1])
+    _check_separation("elements_from_state: rel_pos", rn)
     h = r[..., 0] * v[..., 1] - r[..., 1] * v[..., 0]
     energy = 0.5 * (v[..., 0] ** 2 + v[..., 1] ** 2) - mu / rn
     # v x (h z) = (vy h, -vx h)
@@ -322,15 +446,59 @@ def elements_from_state(rel_pos, rel_vel, mu) -> Elements:
     return Elements(a=a, e=e, lrl=lrl, omega=np.arctan2(lrl[..., 1], lrl[..., 0]), h=h, energy=energy)
 
 
-def gravity_force(rel_pos, m_planet, m_star) -> np.ndarray:
+def _check_separation(name: str, rn: np.ndarray) -> None:
+    """:class:`StateError` where a separation ``rn`` (AU) is zero: bodies on top of each other."""
+    bad = rn == 0
+    if bad.any():
+        where = "" if rn.size == 1 else (f" at index {tuple(int(i) for i in np.argwhere(bad)[0])} "
+                                         f"({int(bad.sum())} of {rn.size})")
+        raise StateError(f"{name} has zero separation (r = 0 AU){where}: two bodies sit on "
+                         "top of each other, where gravity and the orbital elements are undefined; move them "
+                         "apart")
+
+
+ZERO_SEPARATION = ("raise", "nan")
+
+
+def gravity_force(rel_pos, m_planet, m_star, *, softening: float = 0.0,
+                  zero_separation: str = "raise") -> np.ndarray:
     """Newtonian force on the planet from the star, ``-G m_p m_s r_hat / r^2`` (Msun AU/yr^2) [..., 2].
 
-    ``rel_pos`` = planet - star [..., 2] in AU; masses broadcast against the batch shape.
+    ``rel_pos`` = planet - star [..., 2] in AU (one vector (2,) gives (2,)); masses (Msun, >= 0: a massless
+    test particle feels no force) broadcast against the batch shape. At ``r = 0`` the force diverges:
+
+    * ``softening=eps`` (AU, > 0) gives the Plummer-softened force ``-G m_p m_s r / (r^2 + eps^2)^(3/2)``,
+      finite everywhere and 0 at r = 0;
+    * otherwise ``zero_separation="raise"`` (default) raises :class:`StateError` naming the element, and
+      ``"nan"`` returns NaN there (for callers that evaluate unused slots, e.g. padding, and discard them).
+      Under ``np.errstate(divide="ignore")`` the default behaves as ``"nan"`` (numpy's rule for a division
+      by zero the caller chose to ignore; the dataset builder evaluates padded steps that way).
     """
-    r = np.asarray(rel_pos, dtype=np.float64)
+    r = _check_xy("gravity_force: rel_pos", rel_pos, "AU")
+    mp, ms = (_as_float(f"gravity_force: {n}", m) for n, m in (("m_planet", m_planet), ("m_star", m_star)))
+    for name, m in (("m_planet", mp), ("m_star", ms)):
+        bad = ~(np.isfinite(m) & (m >= 0))
+        if bad.any():
+            raise MassError(f"gravity_force: {name} must be finite and >= 0 Msun, got {_fmt_bad(m, bad)}")
+    if zero_separation not in ZERO_SEPARATION:
+        raise ValueError(f"gravity_force: zero_separation={zero_separation!r} is unknown; choose 'raise' "
+                         "(StateError at r = 0) or 'nan' (NaN there)")
+    eps = float(_check_finite("gravity_force: softening", softening, "length (AU)", err=PhysicsError))
+    if np.ndim(softening) or eps < 0:
+        raise PhysicsError(f"gravity_force: softening must be one number >= 0 AU, got {softening!r}")
+    try:
+        np.broadcast_shapes(r.shape[:-1], mp.shape, ms.shape)
+    except ValueError:
+        raise ValueError(f"gravity_force: rel_pos {r.shape} [..., 2] and the masses m_planet {mp.shape}, "
+                         f"m_star {ms.shape} must broadcast over the batch shape {r.shape[:-1]}") from None
     r2 = r[..., 0] ** 2 + r[..., 1] ** 2
-    k = -G * np.asarray(m_planet, float) * np.asarray(m_star, float) / (r2 * np.sqrt(r2))
-    return r * k[..., None]
+    if eps > 0:
+        r2 = r2 + eps * eps
+    elif zero_separation == "raise" and np.geterr()["divide"] != "ignore":
+        _check_separation("gravity_force: rel_pos", np.sqrt(r2))
+    with np.errstate(divide="ignore", invalid="ignore"):  # r = 0 reaches here only when NaN was asked for
+        k = -G * mp * ms / (r2 * np.sqrt(r2))
+        return r * k[..., None]
 
 
 # -------------------------------------------------------------------------------- universal Kepler drift
@@ -355,21 +523,51 @@ def _stumpff(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return C, S
 
 
+def _check_drift(func: str, pos, vel, mu, dt, tol, max_iter):
+    """Validated (pos, vel, mu, dt) of a Kepler drift (see :func:`kepler_drift`)."""
+    r = _check_xy(f"{func}: pos", pos, "AU")
+    v = _check_xy(f"{func}: vel", vel, "AU/yr")
+    mu = _check_mu(mu, f"{func}: mu")
+    dt = _check_finite(f"{func}: dt", dt, "times (yr)", err=TimeStepError)
+    if r.shape != v.shape:
+        raise ValueError(f"{func}: pos {r.shape} and vel {v.shape} must have the same shape [..., 2]")
+    for name, x in (("mu", mu), ("dt", dt)):
+        try:
+            if np.broadcast_shapes(x.shape, r.shape[:-1]) != r.shape[:-1]:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{func}: {name} of shape {x.shape} must broadcast to the batch shape "
+                             f"{r.shape[:-1]} of pos {r.shape}") from None
+    _check_separation(f"{func}: pos", np.hypot(r[..., 0], r[..., 1]))
+    if not (isinstance(tol, (int, float, np.floating)) and np.isfinite(tol) and tol > 0):
+        raise ValueError(f"{func}: tol must be a finite number > 0 (relative tolerance), got {tol!r}")
+    _check_count(f"{func}: max_iter", max_iter, 1)
+    return r, v, mu, dt
+
+
 def kepler_drift(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
     """Advance relative states on exact Kepler orbits by ``dt``; returns new (pos, vel).
 
-    ``pos``, ``vel`` [..., 2] (AU, AU/yr), ``mu`` and ``dt`` broadcast to ``pos.shape[:-1]``. Bound
-    states use the fast elliptic form (Newton on the eccentric-anomaly increment, Lagrange f and g;
-    Murray & Dermott §2.5); if any state is unbound, or Newton fails, every state goes through
-    :func:`kepler_drift_universal` (robust for every conic).
+    ``pos``, ``vel`` [..., 2] (AU, AU/yr; one state (2,) gives (2,)), ``mu`` (AU^3/yr^2, > 0) and ``dt``
+    (yr, any finite sign: negative drifts backwards) broadcast to ``pos.shape[:-1]``. Bound states use the
+    fast elliptic form (Newton on the eccentric-anomaly increment, Lagrange f and g; Murray & Dermott
+    §2.5); if any state is unbound, or Newton fails, every state goes through
+    :func:`kepler_drift_universal` (robust for every conic). NaN/inf or zero-separation states raise
+    :class:`StateError` naming the argument.
     """
+    return _kepler_drift(*_check_drift("kepler_drift", pos, vel, mu, dt, tol, max_iter), tol=tol,
+                         max_iter=max_iter)
+
+
+def _kepler_drift(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
+    """:func:`kepler_drift` without validation (the N-body integrator's inner loop)."""
     r = np.asarray(pos, dtype=np.float64)
     v = np.asarray(vel, dtype=np.float64)
     x0, y0, vx, vy = r[..., 0], r[..., 1], v[..., 0], v[..., 1]
     r0 = np.sqrt(x0 * x0 + y0 * y0)
     inv_a = 2.0 / r0 - (vx * vx + vy * vy) / mu
     if not np.all(inv_a > 0):
-        return kepler_drift_universal(r, v, mu, dt, tol=tol, max_iter=max_iter)
+        return _kepler_drift_universal(r, v, mu, dt, tol=tol, max_iter=max_iter)
     a = 1.0 / inv_a
     n = np.sqrt(mu * inv_a**3)
     ec = 1.0 - r0 * inv_a  # e cos E0
@@ -386,7 +584,7 @@ def kepler_drift(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
         if np.max(np.abs(dx), initial=0.0) < tol * (1.0 + np.max(np.abs(x), initial=0.0)):
             break
     else:
-        return kepler_drift_universal(r, v, mu, dt, tol=tol, max_iter=max_iter)
+        return _kepler_drift_universal(r, v, mu, dt, tol=tol, max_iter=max_iter)
     sx, cx = np.sin(x), np.cos(x)
     f = a / r0 * (cx - 1.0) + 1.0
     g = dt + (sx - x) / n
@@ -399,7 +597,13 @@ def kepler_drift(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
 
 
 def kepler_drift_universal(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
-    """:func:`kepler_drift` for any conic (universal variables, Laguerre–Conway iterations)."""
+    """:func:`kepler_drift` for any conic (universal variables, Laguerre–Conway iterations); same arguments,
+    shapes and errors."""
+    return _kepler_drift_universal(*_check_drift("kepler_drift_universal", pos, vel, mu, dt, tol, max_iter),
+                                   tol=tol, max_iter=max_iter)
+
+
+def _kepler_drift_universal(pos, vel, mu, dt, *, tol: float = 1e-13, max_iter: int = 50):
     r = np.asarray(pos, dtype=np.float64)
     v = np.asarray(vel, dtype=np.float64)
     shape = r.shape[:-1]
@@ -502,16 +706,85 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
     planets (padding is carried as massless test particles on distant circular orbits).
     ``active_steps`` [B] (optional, sorted descending) lets systems stop early: only the first
     ``count(active_steps > s)`` systems advance past output step s (their later outputs are zero).
+
+    One system may be given without the batch axis (``m_star`` a scalar, ``m_planet`` [K], star states
+    [2], planet states [K, 2], ``dt`` a scalar); its outputs then have no batch axis either (and
+    ``energy_error`` is a float). ``m_star`` and ``dt`` may be scalars for a batch too. Every argument is
+    validated once, here (typed errors naming it: :class:`MassError`, :class:`MassRatioError`,
+    :class:`TimeStepError`, :class:`StateError` for NaN/inf states or bodies at zero separation).
     """
-    m_star = check_masses(m_star, "star mass")
-    m_planet = np.asarray(m_planet, dtype=np.float64)
+    m_planet = _as_float("integrate_nbody: m_planet", m_planet)
+    single = m_planet.ndim == 1
+    if single:
+        if np.ndim(m_star) or np.ndim(dt):
+            raise ValueError(f"integrate_nbody: one system (m_planet of shape {m_planet.shape}) takes a scalar "
+                             f"m_star and dt, got shapes {np.shape(m_star)} and {np.shape(dt)}; for a batch "
+                             "pass m_planet [B, K]")
+        m_planet = m_planet[None]
+        m_star, dt = np.reshape(m_star, 1), np.reshape(dt, 1)
+        star_pos0, star_vel0 = np.asarray(star_pos0)[None], np.asarray(star_vel0)[None]
+        planet_pos0, planet_vel0 = np.asarray(planet_pos0)[None], np.asarray(planet_vel0)[None]
+        real = None if real is None else np.asarray(real)[None]
+        active_steps = None if active_steps is None else np.reshape(active_steps, 1)
+    if m_planet.ndim != 2:
+        raise ValueError(f"integrate_nbody: m_planet must be [B, K] (or [K] for one system) Msun, got shape "
+                         f"{m_planet.shape}")
     B, K = m_planet.shape
-    real = np.ones((B, K), bool) if real is None else np.asarray(real, bool)
-    check_masses(m_planet[real], "planet mass")
+    n_steps = _check_count("integrate_nbody: n_steps", n_steps, 1)
+    substeps = _check_count("integrate_nbody: substeps", substeps, 1, TimeStepError)
+    m_star = check_masses(m_star, "integrate_nbody: m_star (star mass)")
+    if m_star.shape not in ((), (B,)):
+        raise ValueError(f"integrate_nbody: m_star must be a scalar or [B] = [{B}], got shape {m_star.shape}")
+    m_star = np.broadcast_to(m_star, (B,))
+    if real is None:
+        real = np.ones((B, K), bool)
+    else:
+        real = np.asarray(real)
+        if real.dtype != bool or real.shape != (B, K):
+            raise ValueError(f"integrate_nbody: real must be a bool array [B, K] = [{B}, {K}], got "
+                             f"{real.dtype} {real.shape}")
+    check_masses(m_planet[real], "integrate_nbody: m_planet (planet mass)")
     check_star_dominates(np.where(real, m_planet, 0.0), m_star[:, None])
-    dt = check_dt(np.broadcast_to(np.asarray(dt, float), (B,)))
-    if substeps < 1:
-        raise TimeStepError(f"substeps must be >= 1, got {substeps}")
+    dt = check_dt(dt, "integrate_nbody: dt (time step)")
+    if dt.shape not in ((), (B,)):
+        raise ValueError(f"integrate_nbody: dt must be a scalar or [B] = [{B}] years, got shape {dt.shape}")
+    dt = np.broadcast_to(dt, (B,))
+    states = {}
+    for name, x, shape, unit in (("star_pos0", star_pos0, (B, 2), "AU"), ("star_vel0", star_vel0, (B, 2), "AU/yr"),
+                                 ("planet_pos0", planet_pos0, (B, K, 2), "AU"),
+                                 ("planet_vel0", planet_vel0, (B, K, 2), "AU/yr")):
+        x = _check_xy(f"integrate_nbody: {name}", x, unit)
+        if x.shape != shape:
+            raise ValueError(f"integrate_nbody: {name} must have shape {list(shape)} ({unit}), got {x.shape}")
+        states[name] = x
+    Xs, Xp = states["star_pos0"], states["planet_pos0"]
+    sep = np.hypot(*np.moveaxis(Xp - Xs[:, None], -1, 0))
+    _check_separation("integrate_nbody: planet_pos0 - star_pos0 (a planet on its star)", np.where(real, sep, 1.0))
+    if K > 1:
+        d = Xp[:, :, None] - Xp[:, None]
+        pair = real[:, :, None] & real[:, None] & ~np.eye(K, dtype=bool)[None]
+        _check_separation("integrate_nbody: planet_pos0 (two planets)",
+                          np.where(pair, np.hypot(d[..., 0], d[..., 1]), 1.0))
+    if active_steps is not None:
+        act = np.asarray(active_steps)
+        if act.shape != (B,) or not np.issubdtype(act.dtype, np.integer):
+            raise ValueError(f"integrate_nbody: active_steps must be integers [B] = [{B}], got {act.dtype} "
+                             f"{act.shape}")
+        if np.any((act < 0) | (act > n_steps)) or np.any(np.diff(act) > 0):
+            raise ValueError(f"integrate_nbody: active_steps must lie in [0, n_steps={n_steps}] and be sorted "
+                             f"in descending order, got {act[:10].tolist()}{' ...' if B > 10 else ''}")
+    tr = _integrate_nbody(m_star, m_planet, Xs, states["star_vel0"], Xp, states["planet_vel0"], dt, n_steps,
+                          substeps, real, active_steps)
+    if single:
+        return NBodyTrajectory(star_pos=tr.star_pos[0], star_vel=tr.star_vel[0], planet_pos=tr.planet_pos[0],
+                               planet_vel=tr.planet_vel[0], energy_error=float(tr.energy_error[0]))
+    return tr
+
+
+def _integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_vel0, dt, n_steps, substeps,
+                     real, active_steps) -> NBodyTrajectory:
+    """:func:`integrate_nbody` on validated, batched arrays."""
+    B, K = m_planet.shape
     m = np.where(real, m_planet, 0.0)
     M = m_star + m.sum(1)
     # barycentric frame: centre of mass position R (constant, zero total momentum after the shift)
@@ -553,7 +826,7 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
             # jump(h/2): heliocentric positions move with the star's barycentric recoil
             q = q + (jump * v).sum(1, keepdims=True)
             v = v + 0.5 * hh * _pair_accel(q, gm, pad2)
-            q, v = kepler_drift(q, v, mub, hb[:, None])
+            q, v = _kepler_drift(q, v, mub, hb[:, None])
             v = v + 0.5 * hh * _pair_accel(q, gm, pad2)
             q = q + (jump * v).sum(1, keepdims=True)
         Q[:b], V[:b] = q, v
@@ -577,7 +850,16 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
 
 def nbody_substeps(dt, min_period, steps_per_orbit: float, max_substeps: int) -> np.ndarray:
     """Wisdom–Holman sub-steps per output step: ``ceil(dt / (P_min / steps_per_orbit))``, rounded up to a
-    power of two (so that systems share batches) and capped at ``max_substeps``."""
+    power of two (so that systems share batches) and capped at ``max_substeps``. ``dt`` and ``min_period``
+    (yr, > 0; an infinite period, from a parabolic orbit, needs one sub-step) broadcast."""
+    check_dt(dt, "nbody_substeps: dt")
+    p = _as_float("nbody_substeps: min_period", min_period)
+    if np.any(np.isnan(p) | (p <= 0)):
+        raise TimeStepError(f"nbody_substeps: min_period must be > 0 years, got {_fmt_bad(p, np.isnan(p) | (p <= 0))}")
+    if not (isinstance(steps_per_orbit, (int, float, np.integer, np.floating)) and np.isfinite(steps_per_orbit)
+            and steps_per_orbit > 0):
+        raise TimeStepError(f"nbody_substeps: steps_per_orbit must be a finite number > 0, got {steps_per_orbit!r}")
+    _check_count("nbody_substeps: max_substeps", max_substeps, 1, TimeStepError)
     n = np.ceil(np.asarray(dt, float) * steps_per_orbit / np.asarray(min_period, float))
     n = np.maximum(n, 1)
     return np.minimum(2 ** np.ceil(np.log2(n)).astype(np.int64), max_substeps).astype(np.int64)
@@ -633,6 +915,48 @@ class Trajectory:
         return L[0]
 
 
+def _one_mass(name: str, m) -> float:
+    if np.ndim(m) != 0:
+        raise ValueError(f"{name} must be one mass (a number, Msun), got shape {np.shape(m)}")
+    return float(check_masses(m, f"{name} (Msun)"))
+
+
+def _planet_masses(m_planet) -> np.ndarray:
+    m = _as_float("m_planet", m_planet)
+    if m.ndim > 1 or m.size == 0:
+        raise ValueError(f"m_planet must be one mass or a list of K >= 1 masses (Msun), got shape {m.shape}")
+    return check_masses(np.atleast_1d(m), "m_planet (Msun)")
+
+
+def _per_planet(name: str, x, K: int) -> np.ndarray:
+    """``x`` as [K]: one number for every planet, or exactly K values (never a silent broadcast of a list)."""
+    x = _as_float(name, x)
+    if x.ndim == 0:
+        return np.full(K, float(x))
+    if x.shape != (K,):
+        raise ValueError(f"{name} must be one number (for every planet) or {K} values (one per planet in "
+                         f"m_planet), got shape {x.shape}")
+    return x
+
+
+def _planet_vectors(name: str, x, K: int, unit: str) -> np.ndarray:
+    """Planet vectors as [K, 2]: shape (K, 2), or (2,) for one planet; finite (:class:`StateError`)."""
+    x = _check_xy(name, x, unit)
+    if x.shape == (2,) and K == 1:
+        x = x[None]
+    if x.shape != (K, 2):
+        raise ValueError(f"{name} must have shape [K, 2] = [{K}, 2] (one (x, y) per planet in m_planet; [2] for "
+                         f"one planet) in {unit}, got shape {x.shape}")
+    return x
+
+
+def _star_vector(name: str, x, unit: str) -> np.ndarray:
+    x = _check_xy(name, x, unit)
+    if x.shape != (2,):
+        raise ValueError(f"{name} must be one (x, y) vector, shape [2] in {unit}, got shape {x.shape}")
+    return x
+
+
 class PlanetarySystem:
     """A star with K planets in the plane, in AU / yr / Msun (G = 4 pi^2).
 
@@ -650,17 +974,18 @@ class PlanetarySystem:
     """
 
     def __init__(self, m_star: float, m_planet, rel_pos, rel_vel, star_pos=(0.0, 0.0), star_vel=(0.0, 0.0)):
-        self.m_star = float(check_masses(m_star, "star mass"))
-        self.m_planet = check_masses(np.atleast_1d(np.asarray(m_planet, float)), "planet mass")
-        self.rel_pos = np.asarray(rel_pos, float).reshape(-1, 2)
-        self.rel_vel = np.asarray(rel_vel, float).reshape(-1, 2)
-        if not (len(self.m_planet) == len(self.rel_pos) == len(self.rel_vel)):
-            raise ValueError("m_planet, rel_pos and rel_vel must describe the same number of planets")
-        r = np.hypot(self.rel_pos[:, 0], self.rel_pos[:, 1])
-        if np.any(r <= 0):
-            raise PhysicsError("a planet sits on the star (zero separation)")
-        self.star_pos = np.asarray(star_pos, float).reshape(2)
-        self.star_vel = np.asarray(star_vel, float).reshape(2)
+        """``m_star`` (Msun, one number), ``m_planet`` [K] (or one number for K = 1), relative states
+        ``rel_pos``/``rel_vel`` = planet - star [K, 2] (or [2] for K = 1; AU, AU/yr), the star's inertial
+        ``star_pos``/``star_vel`` [2]. Typed errors name the argument (:class:`MassError`,
+        :class:`StateError` for NaN/inf states or a planet on its star); mismatched shapes raise ValueError."""
+        self.m_star = _one_mass("m_star", m_star)
+        self.m_planet = _planet_masses(m_planet)
+        K = len(self.m_planet)
+        self.rel_pos = _planet_vectors("rel_pos", rel_pos, K, "AU")
+        self.rel_vel = _planet_vectors("rel_vel", rel_vel, K, "AU/yr")
+        _check_separation("rel_pos (a planet on its star)", np.hypot(self.rel_pos[:, 0], self.rel_pos[:, 1]))
+        self.star_pos = _star_vector("star_pos", star_pos, "AU")
+        self.star_vel = _star_vector("star_vel", star_vel, "AU/yr")
 
     @classmethod
     def from_elements(cls, m_star: float, m_planet, a, e, omega=None, mean_anomaly=None, *,
@@ -669,17 +994,25 @@ class PlanetarySystem:
         periapsis (rad) and ``mean_anomaly`` at t = 0 (rad). Missing angles are drawn U(0, 2 pi) from
         ``rng`` (a :class:`numpy.random.Generator`, required then). The star starts at ``star_pos``
         with the velocity that makes the total momentum zero (the centre of mass stays put); relative
-        velocities follow from ``mu = G (m_p + m_s)``."""
-        m_planet = check_masses(np.atleast_1d(np.asarray(m_planet, float)), "planet mass")
-        a = check_semi_major_axis(np.broadcast_to(np.asarray(a, float), m_planet.shape))
-        e = check_eccentricity(np.broadcast_to(np.asarray(e, float), m_planet.shape))
-        m_star = float(check_masses(m_star, "star mass"))
-        if (omega is None or mean_anomaly is None) and rng is None:
-            raise TypeError("pass omega and mean_anomaly, or a numpy.random.Generator as rng to draw them")
+        velocities follow from ``mu = G (m_p + m_s)``.
+
+        Each per-planet argument (``a``, ``e``, ``omega``, ``mean_anomaly``) is either one number, used for
+        every planet, or one value per planet (length K = ``len(m_planet)``); any other length raises a
+        ValueError (a one-element list for two planets is an error, not a broadcast)."""
+        m_planet = _planet_masses(m_planet)
+        K = len(m_planet)
+        a = check_semi_major_axis(_per_planet("a", a, K), "a (semi-major axis, AU)")
+        e = check_eccentricity(_per_planet("e", e, K), "e (eccentricity)")
+        m_star = _one_mass("m_star", m_star)
+        if (omega is None or mean_anomaly is None) and not isinstance(rng, np.random.Generator):
+            raise TypeError("pass omega and mean_anomaly, or a numpy.random.Generator as rng to draw them, "
+                            f"got rng={rng!r}")
         omega = (rng.uniform(0, 2 * np.pi, m_planet.shape) if omega is None
-                 else np.broadcast_to(omega, m_planet.shape))
+                 else _check_finite("omega", _per_planet("omega", omega, K), "angles (rad)"))
         mean_anomaly = (rng.uniform(0, 2 * np.pi, m_planet.shape) if mean_anomaly is None
-                        else np.broadcast_to(mean_anomaly, m_planet.shape))
+                        else _check_finite("mean_anomaly", _per_planet("mean_anomaly", mean_anomaly, K),
+                                           "angles (rad)"))
+        star_pos = _star_vector("star_pos", star_pos, "AU")
         pos, vel = kepler_state(a, e, omega, mean_anomaly, G * (m_planet + m_star))
         star_vel = -(m_planet[:, None] * vel).sum(0) / (m_star + m_planet.sum())  # zero total momentum
         return cls(m_star, m_planet, pos, vel, star_pos=star_pos, star_vel=star_vel)
@@ -687,10 +1020,15 @@ class PlanetarySystem:
     @classmethod
     def from_cartesian(cls, m_star: float, m_planet, planet_pos, planet_vel, star_pos=(0.0, 0.0),
                        star_vel=(0.0, 0.0)) -> "PlanetarySystem":
-        """Planets from inertial positions [K, 2] (AU) and velocities [K, 2] (AU/yr) and the star's."""
-        sp, sv = np.asarray(star_pos, float), np.asarray(star_vel, float)
-        return cls(m_star, m_planet, np.asarray(planet_pos, float).reshape(-1, 2) - sp,
-                   np.asarray(planet_vel, float).reshape(-1, 2) - sv, star_pos=sp, star_vel=sv)
+        """Planets from inertial positions [K, 2] (AU) and velocities [K, 2] (AU/yr; [2] for one planet) and
+        the star's [2]. NaN/inf states raise :class:`StateError` naming the argument, a planet on the star
+        too; a planet count that differs from ``len(m_planet)`` raises ValueError."""
+        K = len(_planet_masses(m_planet))
+        sp, sv = _star_vector("star_pos", star_pos, "AU"), _star_vector("star_vel", star_vel, "AU/yr")
+        pp = _planet_vectors("planet_pos", planet_pos, K, "AU")
+        pv = _planet_vectors("planet_vel", planet_vel, K, "AU/yr")
+        _check_separation("planet_pos - star_pos (a planet on its star)", np.hypot(*(pp - sp).T))
+        return cls(m_star, m_planet, pp - sp, pv - sv, star_pos=sp, star_vel=sv)
 
     def elements(self) -> Elements:
         """Osculating elements of each planet's orbit about the star (t = 0)."""
@@ -698,19 +1036,38 @@ class PlanetarySystem:
 
     def simulate(self, n_steps: int, dt: float, *, mode: str = "kepler", fixed_star: bool | None = None,
                  substeps: int | None = None, steps_per_orbit: float = 40.0) -> Trajectory:
-        """Positions and velocities at ``t = 0, dt, ..., (n_steps-1) dt`` (years)."""
-        dt = float(check_dt(dt))
-        if n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        """Positions and velocities at ``t = 0, dt, ..., (n_steps-1) dt`` (years).
+
+        ``n_steps`` an integer >= 1 (a float such as 2.5 raises TypeError), ``dt`` one number > 0 years
+        (:class:`TimeStepError`), ``mode`` ``"kepler"`` or ``"nbody"``, ``fixed_star`` None (the default
+        of the mode) or a bool, ``substeps`` None (from ``steps_per_orbit`` sub-steps per innermost period)
+        or an integer >= 1. Kepler mode needs bound initial states (:class:`EccentricityError` names the
+        planets that are not)."""
+        if mode not in ("kepler", "nbody"):
+            raise ValueError(f"unknown mode {mode!r}; choose 'kepler' or 'nbody'")
+        n_steps = _check_count("n_steps", n_steps, 1)
+        if np.ndim(dt) != 0:
+            raise TimeStepError(f"dt must be one time step in years (a number), got shape {np.shape(dt)}")
+        dt = float(check_dt(dt, "dt (time step)"))
+        if fixed_star is not None and not isinstance(fixed_star, (bool, np.bool_)):
+            raise TypeError(f"fixed_star must be None, True or False, got {fixed_star!r}")
+        if substeps is not None:
+            substeps = _check_count("substeps", substeps, 1, TimeStepError)
+        if not (isinstance(steps_per_orbit, (int, float, np.integer, np.floating))
+                and not isinstance(steps_per_orbit, bool) and np.isfinite(steps_per_orbit) and steps_per_orbit > 0):
+            raise TimeStepError(f"steps_per_orbit must be a finite number > 0, got {steps_per_orbit!r}")
         K = len(self.m_planet)
         t = np.arange(n_steps) * dt
         if mode == "kepler":
-            fixed_star = K > 1 if fixed_star is None else fixed_star
+            fixed_star = K > 1 if fixed_star is None else bool(fixed_star)
             if K > 1 and not fixed_star:
                 raise ValueError("kepler mode with several planets needs fixed_star=True (use mode='nbody')")
             el = self.elements()
             if np.any(el.e >= 1):
-                raise EccentricityError(f"initial states are unbound (e = {el.e.tolist()})")
+                idx = np.nonzero(el.e >= 1)[0].tolist()
+                raise EccentricityError(f"kepler mode needs bound orbits, but the initial states of planets {idx} "
+                                        f"are unbound (e = {el.e[idx].tolist()} >= 1: speed at or above escape "
+                                        "speed); lower rel_vel / planet_vel, or use mode='nbody'")
             if fixed_star:
                 check_star_dominates(self.m_planet, self.m_star)
             mu = G * (self.m_planet + self.m_star)
@@ -742,11 +1099,11 @@ class PlanetarySystem:
         if mode == "nbody":
             el = self.elements()
             if substeps is None:
-                pmin = orbital_period(np.abs(el.a), G * (self.m_planet + self.m_star)).min()
+                pmin = _orbital_period(np.abs(el.a), G * (self.m_planet + self.m_star)).min()
                 substeps = int(nbody_substeps(dt, pmin, steps_per_orbit, 1 << 16))
             tr = integrate_nbody(np.array([self.m_star]), self.m_planet[None], self.star_pos[None],
                                  self.star_vel[None], (self.star_pos + self.rel_pos)[None],
                                  (self.star_vel + self.rel_vel)[None], np.array([dt]), n_steps, substeps)
             return Trajectory(t, tr.star_pos[0], tr.star_vel[0], tr.planet_pos[0], tr.planet_vel[0],
                               self.m_star, self.m_planet.copy())
-        raise ValueError(f"unknown mode {mode!r}; choose 'kepler' or 'nbody'")
+        raise AssertionError(mode)  # unreachable: checked above

@@ -7,6 +7,7 @@ state, never on the sequence length or on how many planets a neighbour has.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 
@@ -105,47 +106,140 @@ def merge_priors(given: dict | None) -> dict:
     return out
 
 
-def _range(name: str, dist: str, p: dict, lo_min: float | None = None, hi_max: float | None = None,
-           positive: bool = False, err=ValueError) -> None:
+# Valid values of every numeric prior key: (lower bound, strict, upper bound or None, unit, example fix).
+# ``clip`` is checked apart (a pair 0 < low <= high).
+_KEY_RANGES = {
+    ("eccentricity", "beta", "a"): (0.0, True, None, "", DEFAULT_PRIORS["eccentricity"]["a"]),
+    ("eccentricity", "beta", "b"): (0.0, True, None, "", DEFAULT_PRIORS["eccentricity"]["b"]),
+    ("planet_mass", "gamma", "shape"): (0.0, True, None, "", DEFAULT_PRIORS["planet_mass"]["shape"]),
+    ("planet_mass", "gamma", "loc"): (None, False, None, " Msun", DEFAULT_PRIORS["planet_mass"]["loc"]),
+    ("planet_mass", "gamma", "scale"): (0.0, True, None, " Msun", DEFAULT_PRIORS["planet_mass"]["scale"]),
+    ("planet_mass", "fixed", "value"): (0.0, True, None, " Msun", 3e-6),
+    ("star_mass", "lognormal", "s"): (0.0, True, None, "", DEFAULT_PRIORS["star_mass"]["s"]),
+    ("star_mass", "lognormal", "loc"): (None, False, None, " Msun", DEFAULT_PRIORS["star_mass"]["loc"]),
+    ("star_mass", "lognormal", "scale"): (0.0, True, None, " Msun", DEFAULT_PRIORS["star_mass"]["scale"]),
+    ("star_mass", "fixed", "value"): (0.0, True, None, " Msun", 1.0),
+}
+# low/high ranges: (smallest low, is it strict, high must stay below, unit, example fix "low, high")
+_RANGE_BOUNDS = {
+    ("eccentricity", "uniform"): (0.0, False, 1.0, "", "0.0, 0.6"),
+    ("semi_major_axis", "uniform"): (0.0, True, None, " AU", "0.3, 32.0"),
+    ("semi_major_axis", "period_uniform"): (0.0, True, None, " yr", "1.0, 2.0"),
+    ("planet_mass", "loguniform"): (0.0, True, None, " Msun", "1e-7, 1e-3"),
+    ("planet_mass", "ratio_loguniform"): (0.0, True, None, " (m_p / m_s)", "0.02, 1.0"),
+    ("star_mass", "loguniform"): (0.0, True, None, " Msun", "0.5, 2.0"),
+}
+_ERRORS = {"eccentricity": physics.EccentricityError, "semi_major_axis": physics.SemiMajorAxisError,
+           "planet_mass": physics.MassError, "star_mass": physics.MassError}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) \
+        and bool(np.isfinite(x))
+
+
+def _bound_text(lo, strict: bool, hi, unit: str, what: str = "value") -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{what} {'>' if strict else '>='} {lo:g}")
+    if hi is not None:
+        parts.append(f"{what} < {hi:g}")
+    return (" and ".join(parts) or f"any finite {what}") + unit
+
+
+def _check_range(prefix: str, name: str, dist: str, p: dict) -> None:
+    """``low``/``high`` of a uniform-type prior; messages name ``<prefix>.<name>.low`` / ``.high``."""
+    err = _ERRORS[name]
+    lo_min, strict, hi_max, unit, example = _RANGE_BOUNDS[name, dist]
     lo, hi = p.get("low"), p.get("high")
-    ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in (lo, hi))
-    if not ok or not lo < hi:
-        raise err(f"data.priors.{name}: {dist} needs numbers low < high, got low={lo!r}, high={hi!r}")
-    if positive and lo <= 0:
-        raise err(f"data.priors.{name}: {dist} needs low > 0, got low={lo}")
-    if lo_min is not None and lo < lo_min:
-        raise err(f"data.priors.{name}: low={lo} must be >= {lo_min}")
+    key = f"{prefix}.{name}"
+    valid = (f"valid: {lo_min:g} {'<' if strict else '<='} low < high" + (f" < {hi_max:g}" if hi_max is not None
+                                                                             else "") + unit)
+    fix = f"fix: e.g. {key}.low={example.split(', ')[0]} {key}.high={example.split(', ')[1]}"
+    bad = [k for k, v in (("low", lo), ("high", hi)) if not _is_number(v)]
+    if bad or not lo < hi:
+        which = ", ".join(f"{key}.{k}" for k in (bad or ["low", "high"]))
+        raise err(f"{key}: {dist} needs numbers low < high, got low={lo!r}, high={hi!r} ({which}); {valid}; {fix}")
+    if strict and lo <= lo_min:
+        raise err(f"{key}: {dist} needs low > {lo_min:g}, got {key}.low={lo!r}{unit}; {valid}; fix: set {key}.low "
+                  f"to a positive number, e.g. {example.split(', ')[0]}")
+    if not strict and lo < lo_min:
+        raise err(f"{key}: low={lo} must be >= {lo_min:g} ({key}.low{'; an eccentricity is never negative' if name == 'eccentricity' else ''}); "
+                  f"{valid}; fix: e.g. {key}.low={lo_min:g}")
     if hi_max is not None and hi >= hi_max:
-        raise err(f"data.priors.{name}: high={hi} must be < {hi_max}")
+        raise err(f"{key}: high={hi} must be < {hi_max:g} ({key}.high; e >= 1 is an unbound orbit); {valid}; "
+                  f"fix: e.g. {key}.high=0.95")
+
+
+def _check_clip(prefix: str, name: str, p: dict) -> None:
+    key = f"{prefix}.{name}.clip"
+    c = p.get("clip")
+    ok = isinstance(c, (list, tuple, np.ndarray)) and len(c) == 2 and all(_is_number(x) for x in c)
+    if not ok or not 0 < c[0] <= c[1]:
+        raise physics.MassError(f"{key}={c!r} must be two masses [low, high] with 0 < low <= high (Msun): draws "
+                                f"are clipped into that range; fix: e.g. {key}={list(DEFAULT_PRIORS[name]['clip'])}")
+
+
+def validate_priors(priors: dict, key_prefix: str = "data.priors") -> None:
+    """Check merged priors (see :func:`merge_priors`) without drawing anything; raise an error naming the
+    config key (``<key_prefix>.<prior>.<key>``), its value, the valid range and a fix.
+
+    Unknown prior names, unknown distributions and unknown or missing keys raise ``ValueError``; values
+    out of range raise the physics error of the quantity (:class:`~gravprobe.orbits.physics.EccentricityError`,
+    ``SemiMajorAxisError``, ``MassError``; ``e`` must stay in [0, 1), masses, semi-major axes, periods and
+    distribution scales positive); ``com_sigma`` must be a finite number >= 0 (AU). ``key_prefix`` is how
+    the caller spells the priors: ``data.priors`` for a dataset spec, ``priors`` for :func:`sample_systems`.
+    """
+    if not isinstance(priors, dict):
+        raise TypeError(f"{key_prefix} must be a mapping of prior name -> settings, got {priors!r}")
+    known = set(PRIOR_KEYS) | {"com_sigma"}
+    unknown = sorted(set(priors) - known)
+    if unknown:
+        hints = {u: difflib.get_close_matches(str(u), known, n=1) for u in unknown}
+        hint = "; ".join(f"did you mean {key_prefix}.{h[0]} for {u!r}?" for u, h in hints.items() if h)
+        raise ValueError(f"{key_prefix} has unknown prior(s) {unknown}; valid: {sorted(known)}"
+                         f"{'; ' + hint if hint else ''}")
+    for name, dists in PRIOR_KEYS.items():
+        key = f"{key_prefix}.{name}"
+        if name not in priors:
+            raise ValueError(f"{key} is missing; give every prior of {sorted(PRIOR_KEYS)} (merge_priors() fills "
+                             "in the defaults)")
+        p = priors[name]
+        if not isinstance(p, dict):
+            raise TypeError(f"{key} must be a mapping, got {p!r}")
+        dist = p.get("dist", DEFAULT_DIST[name])
+        if not isinstance(dist, str) or dist not in dists:
+            raise ValueError(f"{key}.dist={dist!r} is unknown; choose one of {sorted(dists)}")
+        keys = set(p) - {"dist"}
+        if keys != dists[dist]:
+            raise ValueError(f"{key} ({dist}) takes keys {sorted(dists[dist])}, "
+                             f"got {sorted(keys)}"
+                             f"{'; drop ' + str(sorted(keys - dists[dist])) if keys - dists[dist] else ''}"
+                             f"{'; add ' + str(sorted(dists[dist] - keys)) if dists[dist] - keys else ''}")
+        if (name, dist) in _RANGE_BOUNDS:
+            _check_range(key_prefix, name, dist, p)
+        if dist in ("gamma", "lognormal"):
+            _check_clip(key_prefix, name, p)
+        for k in sorted(dists[dist]):
+            if (name, dist, k) not in _KEY_RANGES:
+                continue
+            lo, strict, hi, unit, example = _KEY_RANGES[name, dist, k]
+            v = p[k]
+            if not _is_number(v) or (lo is not None and (v <= lo if strict else v < lo)):
+                what = {"beta": "Beta(a, b)", "gamma": "the Gamma distribution",
+                        "lognormal": "the log-normal distribution", "fixed": "a fixed mass"}[dist]
+                raise _ERRORS[name](f"{key}.{k}={v!r} is out of range: {what} needs {_bound_text(lo, strict, hi, unit, k)} "
+                                    f"(a finite number); fix: e.g. {key}.{k}={example:g}")
+    sigma = priors.get("com_sigma", DEFAULT_PRIORS["com_sigma"])
+    if not _is_number(sigma) or sigma < 0:
+        raise ValueError(f"{key_prefix}.com_sigma={sigma!r} is out of range: the centre of mass is drawn from "
+                         f"N(0, sigma^2 I) AU, so sigma must be a finite number >= 0 AU (0: at the origin); fix: e.g. "
+                         f"{key_prefix}.com_sigma={DEFAULT_PRIORS['com_sigma']:g}")
 
 
 def check_priors(priors: dict) -> None:
-    """Typed errors naming ``data.priors.<key>`` for unknown distributions, unknown or missing keys and
-    invalid ranges (``e`` must stay in [0, 1), masses, semi-major axes and periods positive)."""
-    for name, dists in PRIOR_KEYS.items():
-        p = priors[name]
-        if not isinstance(p, dict):
-            raise TypeError(f"data.priors.{name} must be a mapping, got {p!r}")
-        dist = prior_dist(priors, name)
-        if dist not in dists:
-            raise ValueError(f"data.priors.{name}.dist={dist!r} is unknown; choose one of {sorted(dists)}")
-        keys = set(p) - {"dist"}
-        if keys != dists[dist]:
-            raise ValueError(f"data.priors.{name} ({dist}) takes keys {sorted(dists[dist])}, "
-                             f"got {sorted(keys)}"
-                             f"{'; drop ' + str(sorted(keys - dists[dist])) if keys - dists[dist] else ''}")
-        if dist in ("uniform", "period_uniform", "loguniform", "ratio_loguniform"):
-            if name == "eccentricity":
-                _range(name, dist, p, lo_min=0.0, hi_max=1.0, err=physics.EccentricityError)
-            else:
-                err = physics.SemiMajorAxisError if name == "semi_major_axis" else physics.MassError
-                _range(name, dist, p, positive=True, err=err)
-        if dist == "fixed":
-            physics.check_masses([p["value"]], f"data.priors.{name}.value")
-        if dist == "gamma" or dist == "lognormal":
-            physics.check_masses(p["clip"], f"data.priors.{name}.clip")
-        if dist == "beta" and not (p["a"] > 0 and p["b"] > 0):
-            raise physics.EccentricityError(f"data.priors.eccentricity: Beta needs a > 0 and b > 0, got {p}")
+    """:func:`validate_priors` of a dataset spec's priors (keys named ``data.priors.<prior>.<key>``)."""
+    validate_priors(priors, "data.priors")
 
 
 def mass_bounds(priors: dict, name: str) -> tuple[float, float]:
@@ -177,9 +271,20 @@ def sample_systems(rng: np.random.Generator, n: int, *, system: str = "prior", p
     ``fixed_star``); ``planet_mass``: ``fixed {value}``, ``loguniform {low, high}`` (Msun) or
     ``ratio_loguniform {low, high}`` (``m_p = q m_s``, ``q`` log-uniform); ``star_mass``: ``fixed {value}`` or
     ``loguniform {low, high}``. The default distributions draw exactly as before (same numbers)."""
-    p = {**DEFAULT_PRIORS, **(priors or {})}
+    # validation draws nothing: the generator's state (and so every draw below) is unchanged
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed)), got {rng!r}")
+    n = physics._check_count("n (number of systems)", n, 0)
+    n_dt = physics._check_count("n_dt (number of time steps)", n_dt, 1)
+    if dt_index is not None and not (physics._check_count("dt_index", dt_index, 0) < n_dt):
+        raise ValueError(f"dt_index={dt_index} must be None or an index into the {n_dt} time steps, 0..{n_dt - 1}")
+    p = merge_priors(priors)
+    validate_priors(p, "priors")
     if system == "prior":
-        kmin, kmax = int(planets[0]), int(planets[1])
+        if isinstance(planets, (str, bytes)) or np.ndim(planets) != 1 or len(planets) != 2:
+            raise ValueError(f"planets must be [K_min, K_max] with 1 <= K_min <= K_max, got {planets!r}")
+        kmin = physics._check_count("planets[0] (K_min)", planets[0], 1)
+        kmax = physics._check_count("planets[1] (K_max)", planets[1], 1)
         if not 1 <= kmin <= kmax:
             raise ValueError(f"planets must be [K_min, K_max] with 1 <= K_min <= K_max, got {list(planets)}")
         shape = (n, kmax)
