@@ -34,6 +34,13 @@ def _earth(**kw) -> PlanetarySystem:
 
 
 # ------------------------------------------------------------------------------------ scalars in, scalars out
+def test_state_error_is_exported_and_typed():
+    import gravprobe.orbits as orbits
+
+    assert orbits.StateError is StateError and "StateError" in orbits.__all__
+    assert issubclass(StateError, PhysicsError) and issubclass(StateError, ValueError)
+
+
 def test_solve_kepler_scalar_gives_a_float_equal_to_the_array_result():
     E = solve_kepler(1.0, 0.5)
     assert isinstance(E, float) and np.ndim(E) == 0
