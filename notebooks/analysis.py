@@ -77,7 +77,8 @@ display(Markdown(report.markdown_table(rejected, ["run", "model", "galaxy", "rea
 # %% [markdown]
 # ## Force predictions against the truth
 # The fine-tuned force head's predicted |F| on held-out planet steps against the true |F|
-# (M☉ AU yr⁻², log-log; the dashed line is perfect prediction).
+# (M☉ AU yr⁻², log-log; the dashed line is perfect prediction): one panel per variant, then, where the
+# probe stage saved them, every source of a variant (the head and the controls) side by side.
 
 # %%
 for r in runs:
@@ -86,24 +87,44 @@ for r in runs:
     display(Markdown(f"**{r.dir.name}**"))
     if fig is not None:
         display(Image(data=report.figure_png(fig)))
-        continue
-    # no prediction table in the run folder: the probe stage's own figure, per variant
     for name, v in r.variants.items():
-        png = report.force_prediction_figure(v)
-        if png is not None:
-            display(Markdown(f"*{name}* (fine-tuned head, 2-NN oracle where run)"))
-            display(Image(filename=str(png)))
-        else:
+        by_source = report.force_predictions_by_source(v.dir)
+        if len(by_source) > 1:
+            display(Image(data=report.figure_png(report.fig_force_predictions(by_source, title=name))))
+        elif fig is None and report.force_prediction_figure(v) is not None:
+            # an older run folder without the numbers: the probe stage's own figure
+            display(Markdown(f"*{name}* (the probe stage's figure)"))
+            display(Image(filename=str(report.force_prediction_figure(v))))
+        elif fig is None:
             print(f"{name}: no force predictions saved")
 
 # %% [markdown]
+# ## Each galaxy's law against its data
+# For every source whose regression data the probe stage saved (`laws_<source>.npz`: the fine-tuned
+# head, the oracle, the noisy truth, …), each galaxy's recovered law evaluated on the galaxy's points
+# against the |F| it was fitted to, titled with the verdict and the whole law.
+
+# %%
+shown = 0
+for r in runs[:3]:  # a sweep has many runs: the first three here, every run in its folder's PNGs
+    for name, v in r.variants.items():
+        for source in report.law_sources(v.dir):
+            laws = report.read_laws(v.dir, source, v.probes)
+            fig = report.fig_laws(laws, title=f"{r.dir.name} / {name}: {source}") if laws else None
+            if fig is not None:
+                display(Image(data=report.figure_png(fig)))
+                shown += 1
+if not shown:
+    print("no laws_<source>.npz saved (older run folders): see the equations tables above")
+
+# %% [markdown]
 # ## Validation loss against sequence length
-# Loss (nats per token) at k× the training context, for orbits and text; for a sweep, the mean across
-# seeds with the standard deviation as error bars.
+# Loss at k× the training context, for orbits (nats per coordinate for discrete orbit models) and text
+# (nats per token); for a sweep, the mean across seeds with the standard deviation as error bars.
 
 # %%
 series, errors = report.loss_series(result)
-fig = report.fig_length_extrapolation(series, errors=errors)
+fig = report.fig_length_extrapolation(series, errors=errors, config=runs[0].config if runs else None)
 if fig is not None:
     display(Image(data=report.figure_png(fig)))
 else:
@@ -111,11 +132,19 @@ else:
 
 # %% [markdown]
 # ## Linear probes: what the layers encode
-# Held-out R² of ridge probes from each layer's activations to force and orbit quantities.
+# Held-out R² of ridge probes from each layer's activations to force and orbit quantities (from
+# `probes_linear.csv` with the untrained network's control where the probe stage saved it, else from
+# `results.json`). Values below the axis floor are marked ▼ with their value; the shaded band is
+# "not decodable".
 
 # %%
 for r in runs:
-    fig = report.fig_probe_r2({n: (v.probes or {}).get("linear") or {} for n, v in r.variants.items()})
-    if fig is not None:
-        display(Markdown(f"**{r.dir.name}**"))
-        display(Image(data=report.figure_png(fig)))
+    for name, v in r.variants.items():
+        csv_path = v.dir / "probes_linear.csv"
+        if csv_path.exists():
+            fig = report.fig_probes_linear(report.read_probes_linear(csv_path), title=f"{r.dir.name} / {name}")
+        else:
+            fig = report.fig_probe_r2({name: (v.probes or {}).get("linear") or {}})
+        if fig is not None:
+            display(Markdown(f"**{r.dir.name}** / {name}"))
+            display(Image(data=report.figure_png(fig)))
