@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from test_report_fixtures import LONG_LAW, NEWTON, PROBE_TARGETS, write_run, write_stage_numbers
 
 from gravprobe import report
@@ -164,6 +164,9 @@ def test_loss_curves_one_panel_per_modality(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == ["orbits", "text"]
     assert fig.axes[0].get_ylabel() == "loss (nats/coordinate)" and fig.axes[1].get_ylabel() == "loss (nats/token)"
     assert _labels(fig.axes[0]) == ["training batches", "validation"]
+    assert fig.axes[0].get_yscale() == "linear"  # 5 → 0.83: one decade at most
+    falling = [{"step": s, "split": "val", "modality": "orbits", "loss": 1.2 / (1 + s)} for s in range(0, 500, 50)]
+    assert report.fig_loss_curves(falling).axes[0].get_yscale() == "log"
 
 
 def test_pretrain_names_delegate_to_the_report(tmp_path):

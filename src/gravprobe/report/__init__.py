@@ -73,7 +73,7 @@ from pathlib import Path
 from gravprobe.common import arm_label
 
 from . import figures, markdown, tables  # noqa: F401  (the submodules, by name)
-from . import load as load_module
+from . import load as load_module  # noqa: F401  (gravprobe.report.load is the function)
 from .figures import (
     DPI,
     R2_FLOOR,

@@ -196,7 +196,8 @@ def plot_length_extrapolation(series: Mapping[str, Mapping], out: Path, *,
 
 def fig_loss_curves(rows: list[dict], *, title: str = "", config: dict | None = None):
     """Training and validation loss against step, one panel per modality (their units differ), from the
-    rows of ``metrics.csv`` (``load.read_metrics``): train a solid line, validation dashed with markers."""
+    rows of ``metrics.csv`` (``load.read_metrics``): train a solid line, validation dashed with markers; a
+    logarithmic loss axis when the loss spans more than a factor 20."""
     mods = [m for m in MODALITIES if any(r.get("modality") == m for r in rows)]
     if not mods:
         return None
@@ -209,6 +210,9 @@ def fig_loss_curves(rows: list[dict], *, title: str = "", config: dict | None = 
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{j}", ls=LINE_STYLES[j],
                         marker=None if split == "train" else "o", ms=3, lw=1.3,
                         label="training batches" if split == "train" else "validation")
+        losses = [r["loss"] for r in rows if r["modality"] == mod and math.isfinite(r["loss"])]
+        if losses and min(losses) > 0 and max(losses) / min(losses) > 20:
+            ax.set_yscale("log")  # a loss falling by decades would sit flat on a linear axis
         ax.set_xlabel("step")
         ax.set_ylabel(f"loss ({loss_unit(mod, config)})")
         ax.set_title(mod)
@@ -370,6 +374,7 @@ def fig_newtonian_counts(agg: dict[str, dict]):
     ax.bar(names, got, color="tab:green", label="newtonian", hatch="//")
     for i, (g, t) in enumerate(zip(got, tot)):
         ax.text(i, g, f"{g}/{t}", ha="center", va="bottom")
+    ax.set_ylim(0, max(tot) * 1.12)  # room for the "k/n" labels above the tallest bar
     ax.set_ylabel("galaxies × seeds")
     ax.tick_params(axis="x", labelrotation=20)
     ax.legend(fontsize=8)

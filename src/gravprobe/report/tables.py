@@ -22,8 +22,7 @@ MODALITIES = ("orbits", "text")
 # orbit model's loss is the mean of its x- and y-bin cross-entropies (pretrain/model.py), a continuous one's
 # the MSE of the next (x, y) in model units (position / model.position_scale)
 BASELINES = ("copy_previous", "constant_velocity", "constant_acceleration")  # pretrain.dynamics baselines
-LOSS_UNITS = {"text": "nats/token", "discrete": "nats/coordinate",
-              "continuous": "MSE/coordinate, (position/position_scale)²"}
+LOSS_UNITS = {"text": "nats/token", "discrete": "nats/coordinate", "continuous": "MSE/coordinate (model units²)"}
 
 
 def orbit_mode(config: dict | None) -> str:
@@ -35,7 +34,7 @@ def loss_unit(modality: str, config: dict | None = None, *, short: bool = False)
     """The unit of a ``modality`` loss (``"orbits"`` or ``"text"``) for a run with ``config``; ``short``
     gives the first word only (``"MSE/coordinate"``) for table headers."""
     unit = LOSS_UNITS["text"] if modality == "text" else LOSS_UNITS.get(orbit_mode(config), LOSS_UNITS["discrete"])
-    return unit.split(",")[0] if short else unit
+    return unit.split(" (")[0] if short else unit
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
