@@ -29,7 +29,7 @@ import os
 import sys
 import sysconfig
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from gravprobe.common import atomic_write_json
+from gravprobe.config import TextConfig
 
 log = logging.getLogger(__name__)
 
@@ -185,43 +186,34 @@ def hf_documents(path: str, name: str | None, split: str, text_field: str, max_d
         yield row[text_field]
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default) if cfg is not None else default
+def text_config(text_cfg: Any) -> TextConfig:
+    """``cfg.text`` (an OmegaConf node, a dict — missing keys from ``conf/text/stdlib.yaml`` — or a
+    :class:`~gravprobe.config.TextConfig`) as the typed, validated section; raises ``ConfigError``."""
+    return text_cfg if isinstance(text_cfg, TextConfig) else TextConfig.from_cfg(text_cfg)
 
 
 def documents(text_cfg: Any) -> Iterator[str]:
     """The documents of ``cfg.text`` in their fixed order."""
-    source = _cfg_get(text_cfg, "source", "stdlib")
-    if source == "stdlib":
+    tc = text_config(text_cfg)
+    if tc.source == "stdlib":
         yield from stdlib_documents()
-    elif source == "files":
-        yield from file_documents(_cfg_get(text_cfg, "paths", []), _cfg_get(text_cfg, "suffixes",
-                                                                            (".txt", ".md", ".rst")))
-    elif source == "hf":
-        hf = _cfg_get(text_cfg, "hf", {}) or {}
-        yield from hf_documents(_cfg_get(hf, "path"), _cfg_get(hf, "name"), _cfg_get(hf, "split", "train"),
-                                _cfg_get(hf, "text_field", "text"), _cfg_get(hf, "max_documents"))
-    else:
-        raise ValueError(f"unknown text.source={source!r}; choose one of {SOURCES}")
+    elif tc.source == "files":
+        yield from file_documents(tc.paths, tc.suffixes)
+    else:  # hf (the schema admits no other source)
+        yield from hf_documents(tc.hf.path, tc.hf.name, tc.hf.split, tc.hf.text_field, tc.hf.max_documents)
 
 
 def _source_fingerprint(text_cfg: Any) -> dict:
     """What identifies the corpus without reading it (cheap cache key)."""
-    source = _cfg_get(text_cfg, "source", "stdlib")
-    if source == "stdlib":
+    tc = text_config(text_cfg)
+    if tc.source == "stdlib":
         return {"source": "stdlib", "python": sys.version, "stdlib": sysconfig.get_paths()["stdlib"]}
-    if source == "files":
-        suffixes = tuple(_cfg_get(text_cfg, "suffixes", (".txt", ".md", ".rst")))
-        files = _expand_files(_cfg_get(text_cfg, "paths", []), suffixes)
+    if tc.source == "files":
+        files = _expand_files(tc.paths, tuple(tc.suffixes))
         return {"source": "files", "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns]
                                              for f in files]}
-    if source == "hf":
-        hf = _cfg_get(text_cfg, "hf", {}) or {}
-        return {"source": "hf", **{k: _cfg_get(hf, k) for k in ("path", "name", "split", "text_field",
-                                                                 "max_documents")}}
-    raise ValueError(f"unknown text.source={source!r}; choose one of {SOURCES}")
+    return {"source": "hf", **{k: getattr(tc.hf, k) for k in ("path", "name", "split", "text_field",
+                                                               "max_documents")}}
 
 
 # ------------------------------------------------------------------------------------- cached shards
@@ -298,15 +290,12 @@ def load_text_corpus(text_cfg: Any, home: str | os.PathLike, *, rank: int = 0) -
     and mtimes for ``files``; dataset coordinates for ``hf``), tokenizer, validation fraction and the
     cache format. Writes are atomic (a temporary folder renamed into place). Only ``rank`` 0 builds.
     """
-    tok_name = _cfg_get(text_cfg, "tokenizer", "byte")
-    encoding = _cfg_get(text_cfg, "tiktoken_encoding", "gpt2")
-    val_fraction = float(_cfg_get(text_cfg, "val_fraction", 0.05))
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"text.val_fraction must be in (0, 1), got {val_fraction}")
-    shard_tokens = int(_cfg_get(text_cfg, "shard_tokens", 1 << 26))
+    text_cfg = text_config(text_cfg)  # validated: val_fraction in (0, 1), shard_tokens >= 1, ...
+    tok_name, encoding = text_cfg.tokenizer, text_cfg.tiktoken_encoding
+    val_fraction, shard_tokens = text_cfg.val_fraction, text_cfg.shard_tokens
     key = {"format": CACHE_FORMAT, "fingerprint": _source_fingerprint(text_cfg), "tokenizer": tok_name,
            "encoding": encoding if tok_name == "tiktoken" else None, "val_fraction": val_fraction,
-           "max_chars": _cfg_get(text_cfg, "max_chars"), "shard_tokens": shard_tokens}
+           "max_chars": text_cfg.max_chars, "shard_tokens": shard_tokens}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = Path(home).expanduser() / "cache" / "text" / digest
     manifest_path = path / "manifest.json"
@@ -332,7 +321,7 @@ def _build_cache(text_cfg: Any, path: Path, key: dict, tok_name: str, encoding: 
 
     tok = get_tokenizer(tok_name, encoding)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    max_chars = _cfg_get(text_cfg, "max_chars")
+    max_chars = text_config(text_cfg).max_chars
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     buffers: dict[str, list[int]] = {"train": [], "val": []}

@@ -95,43 +95,33 @@ TRANSFORMS = ("multi", *REPRESENTATIONS)
 LOSSES = ("mse", "l1")
 SELECTIONS = ("parsimony", "best", "score", "accuracy")
 
-#: Operon's defaults for this project (shared by every representation; see REPRESENTATION_DEFAULTS).
-OPERON_DEFAULTS: dict[str, Any] = {
-    "allowed_symbols": "add,sub,mul,div,constant,variable",
-    "population_size": 500,
-    "generations": 60,
-    "max_length": 20,
-    "max_evaluations": 10_000_000,
-    "optimizer_iterations": 5,
-    "tournament_size": 3,
-    "n_threads": 0,  # 0 = all cores
-    "restarts": 1,
-    "max_time": None,  # seconds per restart
-}
+def _packaged_sr(option: str) -> dict[str, Any]:
+    """``conf/sr/<option>.yaml`` (package data): the one place where the engines' settings are written."""
+    from importlib.resources import files
+
+    import yaml
+
+    return yaml.safe_load(files("gravprobe.conf").joinpath("sr", f"{option}.yaml").read_text())
+
+
+_SR_DEFAULT = _packaged_sr("default")
+
+#: Operon's settings for this project, shared by every representation: ``options`` of ``conf/sr/default.yaml``
+#: (the ``sr=default`` preset; ``n_threads: 0`` = all cores). Written only there.
+OPERON_DEFAULTS: dict[str, Any] = dict(_SR_DEFAULT["options"])
 
 #: Per-representation Operon settings, applied over OPERON_DEFAULTS and under the caller's own options
-#: (``representation_options`` beats both). Power laws are linear in the log representation, so its
-#: search is short; the mixed representation needs ``exp`` and ``log`` (the screened and the softened
-#: laws) and a larger population.
+#: (``representation_options`` beats both): ``representation_options`` of ``conf/sr/default.yaml``. Power laws
+#: are linear in the log representation, so its search is short; the mixed representation needs ``exp`` and
+#: ``log`` (the screened and the softened laws) and a larger population.
 REPRESENTATION_DEFAULTS: dict[str, dict[str, Any]] = {
-    "log": {"allowed_symbols": "add,sub,mul,div,constant,variable"},
-    "mixed": {"allowed_symbols": "add,sub,mul,div,exp,log,constant,variable"},
-    "none": {"allowed_symbols": "add,sub,mul,div,constant,variable"},
-}
+    rep: dict((_SR_DEFAULT.get("representation_options") or {}).get(rep) or {}) for rep in REPRESENTATIONS}
 
-#: The representations ``transform="multi"`` searches when none are named.
-DEFAULT_REPRESENTATIONS = ("log", "mixed")
+#: The representations ``transform="multi"`` searches when none are named (``representations`` of the YAML).
+DEFAULT_REPRESENTATIONS = tuple(_SR_DEFAULT["representations"])
 
-#: The literature's PySR settings (METHOD.md §4.3).
-PYSR_DEFAULTS: dict[str, Any] = {
-    "niterations": 100,
-    "binary_operators": ["+", "*"],
-    "unary_operators": ["sin", "cos", "exp", "inv(x) = 1/x"],
-    "maxsize": 20,
-    "populations": 15,
-    "procs": 0,  # 0 = serial (deterministic)
-    "restarts": 3,
-}
+#: The literature's PySR settings (METHOD.md §4.3): ``options`` of ``conf/sr/pysr.yaml``. Written only there.
+PYSR_DEFAULTS: dict[str, Any] = dict(_packaged_sr("pysr")["options"])
 
 _LITERATURE_L1 = "loss(prediction, target) = max(1f-8, abs(prediction - target)) - 1f-8"
 
@@ -139,8 +129,9 @@ _LITERATURE_L1 = "loss(prediction, target) = max(1f-8, abs(prediction - target))
 _SPLIT_SEED = 20_261_202
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested symbolic-regression backend cannot start (missing package or Julia)."""
+class SymbolicBackendUnavailable(RuntimeError):
+    """The requested symbolic-regression backend cannot start (missing package or Julia). (Not
+    ``gravprobe.attention.BackendUnavailableError``, which is about attention kernels.)"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,7 +585,7 @@ def _run_operon(Xf, yf, fit_syms, *, seed: int, loss: str, **options) -> tuple[l
     try:
         from pyoperon.sklearn import SymbolicRegressor
     except ImportError as e:  # pragma: no cover - pyoperon is a core dependency
-        raise BackendUnavailableError("the offline engine needs pyoperon: pip install pyoperon") from e
+        raise SymbolicBackendUnavailable("the offline engine needs pyoperon: pip install pyoperon") from e
     unknown = set(options) - set(OPERON_DEFAULTS)
     if unknown:
         raise TypeError(f"unknown Operon option(s) {sorted(unknown)}; valid: {sorted(OPERON_DEFAULTS)}")
@@ -641,7 +632,7 @@ def pysr_available() -> bool:
     try:
         _import_pysr()
         return True
-    except BackendUnavailableError as e:
+    except SymbolicBackendUnavailable as e:
         log.info("PySR unavailable (%s)", str(e).split(":")[0])
         return False
 
@@ -650,7 +641,7 @@ def _import_pysr():
     try:
         import pysr  # noqa: F401  (boots Julia)
     except Exception as e:  # ImportError, or Julia failing to start (juliacall raises various types)
-        raise BackendUnavailableError(f"{_PYSR_MISSING} (import failed: {type(e).__name__}: {e})") from e
+        raise SymbolicBackendUnavailable(f"{_PYSR_MISSING} (import failed: {type(e).__name__}: {e})") from e
     return pysr
 
 

@@ -9,7 +9,7 @@ import pytest
 import sympy as sp
 
 from gravprobe.probes import symbolic
-from gravprobe.probes.symbolic import BackendUnavailableError, EquationTable, fit_equation
+from gravprobe.probes.symbolic import SymbolicBackendUnavailable, EquationTable, fit_equation
 from gravprobe.probes.verdict import compare_to_newton, is_power_law, is_symbolically_newtonian, power_law_fit
 
 G = 4 * np.pi**2
@@ -365,7 +365,7 @@ def test_module_import_does_not_import_pysr():
 
 def test_pysr_missing_message(no_pysr):
     X = galaxy(0, 50)
-    with pytest.raises(BackendUnavailableError) as e:
+    with pytest.raises(SymbolicBackendUnavailable) as e:
         fit_equation(X, newton(X), NAMES, backend="pysr")
     msg = str(e.value)
     assert "pip install gravprobe[pysr]" in msg and "Julia" in msg and "backend='operon'" in msg

@@ -34,7 +34,6 @@ import copy
 import importlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -44,39 +43,21 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gravprobe.common import atomic_write_bytes, update_results
+from gravprobe.config import (STAGES, ConfigError, attention_choices, probe_size_problems,  # noqa: F401
+                              select, sequence_length_problems, to_container, validate_config, variants_of)
 
 log = logging.getLogger(__name__)
 
-#: the stage functions the pipeline calls, ``(module, function)``, each ``fn(cfg, run_dir) -> dict``
-STAGE_FUNCTIONS = {
-    "pretrain": ("gravprobe.pretrain.train", "main"),
-    "probe": ("gravprobe.probes.pipeline", "main"),
-}
 #: config keys that may differ when a run folder is resumed (they do not change any result)
 RESUME_IGNORED_KEYS = ("stage", "workers", "threads", "device", "home", "out", "force_out", "report", "pipeline.report",
                        "pipeline.stop_after", "train.stop_at")
 
-
-class PipelineConfigError(ValueError):
-    """A config the pipeline cannot run; the message lists every problem and how to fix it."""
+#: A config the pipeline cannot run; the message lists every problem and how to fix it (the name the
+#: pipeline has always raised; it is :class:`gravprobe.config.ConfigError`).
+PipelineConfigError = ConfigError
 
 
 # ------------------------------------------------------------------------------------------ variants
-def attention_choices() -> list[str]:
-    """Attention variants the pipeline can train: packaged ``conf/attention/*.yaml`` (∩ ``VARIANTS``)."""
-    from importlib.resources import files
-
-    names = sorted(p.name[:-5] for p in (files("gravprobe.conf") / "attention").iterdir()
-                   if p.name.endswith(".yaml"))
-    try:
-        from gravprobe.attention import VARIANTS
-
-        names = [n for n in names if n in VARIANTS]
-    except ImportError:  # attention not importable: the config files are the list
-        pass
-    return names
-
-
 def _cli_overrides() -> list[str]:
     """The command-line overrides of the running Hydra job (``[]`` outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
@@ -84,34 +65,6 @@ def _cli_overrides() -> list[str]:
     if HydraConfig.initialized():
         return [str(o) for o in HydraConfig.get().overrides.task]
     return []
-
-
-def _overridden(key: str, overrides: list[str]) -> bool:
-    return any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides)
-
-
-def variants_of(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
-    """The attention variants this run trains, in order (see the module docstring for the rule)."""
-    overrides = _cli_overrides() if overrides is None else overrides
-    name = str(cfg.attention.name)
-    listed = OmegaConf.select(cfg, "pipeline.variants", default=None)
-    if _overridden("attention", overrides) and not _overridden("pipeline.variants", overrides):
-        if listed is not None and list(_as_list(listed)) != [name]:
-            log.info("attention=%s on the command line: training %s only (the preset's pipeline.variants=%s "
-                     "is ignored; pass pipeline.variants=[...] to train several)", name, name,
-                     list(_as_list(listed)))
-        return [name]
-    if listed is None:
-        return [name]
-    if isinstance(listed, str) and listed == "all":
-        return attention_choices()
-    return [str(v) for v in _as_list(listed)]
-
-
-def _as_list(x: Any) -> list:
-    if isinstance(x, str):
-        return [s.strip() for s in x.split(",") if s.strip()]
-    return list(x)
 
 
 def variant_config(cfg: DictConfig, name: str) -> DictConfig:
@@ -141,161 +94,16 @@ def variant_config(cfg: DictConfig, name: str) -> DictConfig:
 
 
 # ---------------------------------------------------------------------------------------- validation
-def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
-
-
 def validate(cfg: DictConfig, overrides: list[str] | None = None) -> list[str]:
-    """Check everything the pipeline can check before any work; return the variants.
-
-    Raises ``PipelineConfigError`` naming every problem (and the valid choices) at once.
-    """
-    problems: list[str] = []
-    choices = attention_choices()
-    variants = variants_of(cfg, overrides)
-    if not variants:
-        problems.append(f"pipeline.variants is empty; choose from: {', '.join(choices)}")
-    for v in variants:
-        if v not in choices:
-            problems.append(f"unknown attention variant {v!r} (pipeline.variants / attention=); "
-                            f"choose from: {', '.join(choices)}")
-    if len(set(variants)) != len(variants):
-        problems.append(f"pipeline.variants names a variant twice: {variants}")
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:
-        problems.append(f"`gravprobe run` is one process (WORLD_SIZE={world}: started by torchrun?); train on "
-                        "several GPUs with `torchrun --nproc_per_node=N -m gravprobe.cli pretrain ...` per variant, "
-                        "then `gravprobe probe checkpoint=<run>/checkpoints/last.pt`")
-    stop_after = _get(cfg, "pipeline.stop_after")
-    if stop_after not in (None, "generate", "pretrain"):
-        problems.append(f"pipeline.stop_after={stop_after!r}; choose from: null, generate, pretrain")
-    if _get(cfg, "checkpoint"):
-        problems.append("checkpoint= is for `gravprobe probe`; `gravprobe run` trains its own checkpoints "
-                        "(drop the override)")
-
-    def positive_int(key: str, minimum: int = 1, why: str = "") -> None:
-        val = _get(cfg, key)
-        if val is None:
-            return
-        if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
-            problems.append(f"{key}={val!r} must be an integer >= {minimum}{why}")
-
-    for ds in ("data", "force_data"):
-        positive_int(f"{ds}.seq_len", 2, " (a sequence needs a dt marker and at least one position)")
-        positive_int(f"{ds}.n_systems", 2 if ds == "data" else 1)
-        positive_int(f"{ds}.n_bins", 2)
-        positive_int(f"{ds}.shard_size", 1)
-    for key in ("model.n_layers", "model.n_heads", "model.d_model", "model.block_size", "train.steps",
-                "train.batch_size", "train.grad_accum"):
-        positive_int(key)
-    n_heads, d_model = _get(cfg, "model.n_heads"), _get(cfg, "model.d_model")
-    if isinstance(n_heads, int) and isinstance(d_model, int) and n_heads > 0 and d_model % n_heads:
-        problems.append(f"model.d_model={d_model} is not divisible by model.n_heads={n_heads}")
-    seq_len = _get(cfg, "train.seq_len")
-    if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 2):
-        problems.append(f"train.seq_len={seq_len!r} must be >= 2 (or null for the data's length)")
-    # the stages' own checks, without doing any work: the orbit specs' typed errors, and the model
-    # config of every variant (unknown keys, positions, divisibility)
-    from gravprobe.orbits import DatasetSpec
-
-    specs = {}
-    for ds in ("data", "force_data"):
-        try:
-            specs[ds] = DatasetSpec.from_config(cfg[ds])
-        except (ValueError, TypeError, KeyError) as e:
-            problems.append(f"{ds}: {e}")
-    # the arrays each stage reads from disk (DatasetSpec.arrays may leave the others out)
-    needs = {"force_data": ("states", "forces", "labelled", "bodies")}
-    if _get(cfg, "model.orbit_mode") == "continuous":
-        needs["data"] = ("positions",)
-    for ds, names in needs.items():
-        missing = [n for n in names if ds in specs and n not in specs[ds].stored_arrays]
-        if missing:
-            problems.append(f"{ds}.arrays={list(specs[ds].stored_arrays)} leaves out {missing}, which "
-                            f"{'the probes' if ds == 'force_data' else 'model.orbit_mode=continuous'} read; "
-                            f"add them or set {ds}.arrays=null")
-    if not problems:
-        from gravprobe.pretrain.train import model_config
-
-        for v in variants:
-            try:
-                model_config(variant_config(cfg, v), int(cfg.data.n_bins) + 3, 257)
-            except (ValueError, TypeError) as e:
-                problems.append(f"model ({v}): {e}")
-                break
-    problems += _probe_size_problems(cfg)
-    problems += sequence_length_problems(cfg)
-    from gravprobe.probes.pipeline import protocol_problems
-
-    problems += protocol_problems(cfg)
-    if problems:
-        raise PipelineConfigError("the config cannot run:\n  - " + "\n  - ".join(problems))
-    return variants
-
-
-def sequence_length_problems(cfg: DictConfig) -> list[str]:
-    """Every stage's sequence lengths against the model, before any work: a learned-position model
-    (``model.position=learned``) cannot run beyond ``model.block_size`` tokens, and the probes feed whole
-    ``force_data`` sequences (all ``seq_len`` tokens) through it. RoPE models run at any length."""
-    out: list[str] = []
-    if _get(cfg, "model.position") != "learned":
-        return out
-    block = _get(cfg, "model.block_size")
-    if not isinstance(block, int):
-        return out
-    train_len = _get(cfg, "train.seq_len")
-    data_len = _get(cfg, "data.seq_len")
-    if isinstance(train_len, int) and train_len > block:
-        out.append(f"train.seq_len={train_len} exceeds model.block_size={block} of a learned-position model; "
-                   "lower train.seq_len or raise model.block_size")
-    probing = _get(cfg, "stage") in ("run", "probe", None)
-    fd_len = _get(cfg, "force_data.seq_len")
-    if probing and isinstance(fd_len, int) and fd_len > block:
-        out.append(f"force_data.seq_len={fd_len} tokens exceeds model.block_size={block} of a learned-position "
-                   f"model (the probes run whole force sequences through it); set force_data.seq_len<={block} or "
-                   f"raise model.block_size (a learned-position model cannot run longer sequences)")
-    if isinstance(data_len, int) and train_len is None and data_len - 1 > block:
-        log.info("data.seq_len=%d: training uses the first model.block_size=%d tokens of each sequence",
-                 data_len, block)
-    return out
-
-
-def _probe_size_problems(cfg: DictConfig) -> list[str]:
-    """The probes' selection (METHOD §4.3) needs held-out planet steps in ``force_data``: the sequences
-    from ``labelling.full_systems`` on are labelled at only ``partial_steps`` steps, the rest is held out."""
-    out: list[str] = []
-    fd = "force_data"
-    n_sys, seq_len = _get(cfg, f"{fd}.n_systems"), _get(cfg, f"{fd}.seq_len")
-    full, partial = _get(cfg, f"{fd}.labelling.full_systems"), _get(cfg, f"{fd}.labelling.partial_steps", 0)
-    planets = _get(cfg, f"{fd}.planets")
-    size, n_keep = _get(cfg, "probe.selection.galaxy_size"), _get(cfg, "probe.selection.n_keep")
-    if not all(isinstance(x, int) for x in (n_sys, seq_len)):
-        return out
-    if full is None or (isinstance(full, int) and full >= n_sys):
-        out.append(f"force_data.labelling.full_systems={full} leaves no partially labelled sequences among "
-                   f"force_data.n_systems={n_sys}, so nothing is held out for the probes; set it below n_systems "
-                   "(two_body_force: 9,000 of 10,000)")
-        return out
-    k_max = max(int(x) for x in planets) if planets else 1
-    star_token = _get(cfg, f"{fd}.star_token", True) is not False
-    steps = (seq_len - 1) // (k_max + int(star_token))  # time steps per sequence: each planet, then the star
-    held = (n_sys - int(full)) * max(0, steps - int(partial or 0))
-    if isinstance(size, int):
-        if isinstance(n_keep, int) and size > n_keep:
-            out.append(f"probe.selection.galaxy_size={size} exceeds probe.selection.n_keep={n_keep} (a galaxy is "
-                       "drawn from the n_keep held-out states nearest to the training states)")
-        if held < size:
-            out.append(f"force_data holds about {held} held-out planet steps ({n_sys - int(full)} partially labelled "
-                       f"sequences × ({steps} steps − {partial} labelled)), fewer than one galaxy of "
-                       f"probe.selection.galaxy_size={size}; raise force_data.n_systems / seq_len, lower "
-                       "force_data.labelling.full_systems, or lower the galaxy size")
-    return out
+    """Check everything the pipeline can check before any work (:func:`gravprobe.config.validate_config`
+    for the ``run`` stage); return the variants. Raises ``ConfigError`` naming every problem at once."""
+    return validate_config(cfg, "run", overrides=_cli_overrides() if overrides is None else overrides).variants
 
 
 # ------------------------------------------------------------------------------------------- running
 def _stage(name: str) -> Callable[[DictConfig, Path], dict]:
-    mod, fn = STAGE_FUNCTIONS[name]
-    return getattr(importlib.import_module(mod), fn)
+    stage = STAGES[name]
+    return getattr(importlib.import_module(stage.module), stage.function)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -369,7 +177,7 @@ def _complete(vdir: Path, section: str, vcfg: DictConfig | None = None) -> bool:
             return set(pr["requested"]) <= set(pr["done"])
 
         def sel(key: str, default: Any) -> Any:
-            return default if vcfg is None else OmegaConf.select(vcfg, key, default=default)
+            return default if vcfg is None else select(vcfg, key, default)
 
         if sel("probe.head.enabled", True) and not pr.get("galaxies"):
             return False
@@ -419,7 +227,7 @@ def main(cfg: DictConfig, run_dir: Path) -> dict:
     """Run (or resume) the whole pipeline in ``run_dir``; return ``results.json['pipeline']``."""
     run_dir = Path(run_dir)
     variants = validate(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = to_container(cfg)
     resumed = _check_same_run(resolved, run_dir)
     log.info("%s run in %s: variants %s", "resuming" if resumed else "starting", run_dir, ", ".join(variants))
     log.info("if interrupted, resume with: %s", _resume_command(run_dir))
@@ -439,7 +247,7 @@ def main(cfg: DictConfig, run_dir: Path) -> dict:
         log.warning("interrupted; resume with: %s", _resume_command(run_dir))
         save()
         raise
-    if bool(OmegaConf.select(cfg, "pipeline.report", default=True)):
+    if bool(select(cfg, "pipeline.report", True)):
         from gravprobe.report import report_dir
 
         out = report_dir(run_dir)
@@ -462,7 +270,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, variants: list[str], state: dict
         state["datasets"] = ensure_datasets(cfg)
     state["stages"]["generate"] = "done"
     save()
-    stop_after = OmegaConf.select(cfg, "pipeline.stop_after", default=None)
+    stop_after = select(cfg, "pipeline.stop_after")
     if stop_after == "generate":
         log.info("pipeline.stop_after=generate: datasets ready, stopping")
         return False
@@ -472,8 +280,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, variants: list[str], state: dict
         vcfg = variant_config(cfg, name)
         with open_dict(vcfg):
             vcfg.checkpoint = str(vdir / "checkpoints" / "last.pt")
-            if i > 0 and OmegaConf.select(vcfg, "probe.oracle.enabled", default=None) is not None:
+            if i > 0 and select(vcfg, "probe.oracle.enabled") is not None:
                 vcfg.probe.oracle.enabled = False  # the oracle does not depend on the model: once
+                log.info("%s: the controls (oracle and its kin) are shared: computed once, with %s", name, variants[0])
         atomic_write_bytes(vdir / "config.yaml", OmegaConf.to_yaml(vcfg, resolve=True).encode())
         for stage, section in (("pretrain", "pretrain"), ("probe", "probes")):
             key = f"{name}/{stage}"
