@@ -16,11 +16,18 @@ Three ways to move bodies (METHOD.md §1.1):
 * :class:`PlanetarySystem` — the user-facing object (orbital-element or Cartesian constructors) that
   returns trajectories from either method.
 
-Invalid physics raises a subclass of :class:`PhysicsError` (itself a ``ValueError``).
+Invalid physics raises a subclass of :class:`PhysicsError` (itself a ``ValueError``) that names the
+argument, the offending values and the valid range: :class:`EccentricityError`, :class:`MassError`,
+:class:`SemiMajorAxisError`, :class:`TimeStepError`, :class:`MassRatioError`, :class:`StateError` (NaN/inf
+states or bodies at zero separation), :class:`IntegrationError`. Wrong shapes raise ``ValueError``,
+non-numbers and non-integer counts ``TypeError``. Public functions validate once, at the boundary; the
+kernels inside (and the numba engine of :mod:`gravprobe.orbits.fused`) trust their inputs. Scalars are
+welcome everywhere: numbers give numpy float64 scalars, one state gives one vector of shape (2,).
 """
 from __future__ import annotations
 
 import logging
+import reprlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -84,11 +91,12 @@ def _fmt_bad(x: np.ndarray, bad: np.ndarray) -> str:
 def _as_float(name: str, x) -> np.ndarray:
     """``x`` as a float64 array, or a TypeError naming ``name`` (strings, None, ragged lists...)."""
     if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{name} must be a number or an array of numbers, got {x!r}")
+        raise TypeError(f"{name} must be a number or an array of numbers, got {reprlib.repr(x)}")
     try:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a number or an array of numbers, got {x!r} ({exc})") from None
+        raise TypeError(f"{name} must be a number or an array of numbers, got {reprlib.repr(x)} "
+                        f"({exc})") from None
 
 
 def _check_positive(name: str, x, err: type[PhysicsError], fix: str) -> np.ndarray:
@@ -750,7 +758,8 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
         raise ValueError(f"integrate_nbody: dt must be a scalar or [B] = [{B}] years, got shape {dt.shape}")
     dt = np.broadcast_to(dt, (B,))
     states = {}
-    for name, x, shape, unit in (("star_pos0", star_pos0, (B, 2), "AU"), ("star_vel0", star_vel0, (B, 2), "AU/yr"),
+    for name, x, shape, unit in (("star_pos0", star_pos0, (B, 2), "AU"),
+                                 ("star_vel0", star_vel0, (B, 2), "AU/yr"),
                                  ("planet_pos0", planet_pos0, (B, K, 2), "AU"),
                                  ("planet_vel0", planet_vel0, (B, K, 2), "AU/yr")):
         x = _check_xy(f"integrate_nbody: {name}", x, unit)
@@ -759,7 +768,8 @@ def integrate_nbody(m_star, m_planet, star_pos0, star_vel0, planet_pos0, planet_
         states[name] = x
     Xs, Xp = states["star_pos0"], states["planet_pos0"]
     sep = np.hypot(*np.moveaxis(Xp - Xs[:, None], -1, 0))
-    _check_separation("integrate_nbody: planet_pos0 - star_pos0 (a planet on its star)", np.where(real, sep, 1.0))
+    _check_separation("integrate_nbody: planet_pos0 - star_pos0 (a planet on its star)",
+                      np.where(real, sep, 1.0))
     if K > 1:
         d = Xp[:, :, None] - Xp[:, None]
         pair = real[:, :, None] & real[:, None] & ~np.eye(K, dtype=bool)[None]
@@ -855,10 +865,12 @@ def nbody_substeps(dt, min_period, steps_per_orbit: float, max_substeps: int) ->
     check_dt(dt, "nbody_substeps: dt")
     p = _as_float("nbody_substeps: min_period", min_period)
     if np.any(np.isnan(p) | (p <= 0)):
-        raise TimeStepError(f"nbody_substeps: min_period must be > 0 years, got {_fmt_bad(p, np.isnan(p) | (p <= 0))}")
+        raise TimeStepError("nbody_substeps: min_period must be > 0 years, got "
+                            f"{_fmt_bad(p, np.isnan(p) | (p <= 0))}")
     if not (isinstance(steps_per_orbit, (int, float, np.integer, np.floating)) and np.isfinite(steps_per_orbit)
             and steps_per_orbit > 0):
-        raise TimeStepError(f"nbody_substeps: steps_per_orbit must be a finite number > 0, got {steps_per_orbit!r}")
+        raise TimeStepError("nbody_substeps: steps_per_orbit must be a finite number > 0, got "
+                            f"{steps_per_orbit!r}")
     _check_count("nbody_substeps: max_substeps", max_substeps, 1, TimeStepError)
     n = np.ceil(np.asarray(dt, float) * steps_per_orbit / np.asarray(min_period, float))
     n = np.maximum(n, 1)
@@ -989,7 +1001,7 @@ class PlanetarySystem:
 
     @classmethod
     def from_elements(cls, m_star: float, m_planet, a, e, omega=None, mean_anomaly=None, *,
-                      star_pos=(0.0, 0.0), rng: np.random.Generator | None = None) -> "PlanetarySystem":
+                      star_pos=(0.0, 0.0), rng: np.random.Generator | None = None) -> PlanetarySystem:
         """Planets from elements relative to the star: ``a`` (AU), ``e`` in [0, 1), ``omega`` argument of
         periapsis (rad) and ``mean_anomaly`` at t = 0 (rad). Missing angles are drawn U(0, 2 pi) from
         ``rng`` (a :class:`numpy.random.Generator`, required then). The star starts at ``star_pos``
@@ -1019,7 +1031,7 @@ class PlanetarySystem:
 
     @classmethod
     def from_cartesian(cls, m_star: float, m_planet, planet_pos, planet_vel, star_pos=(0.0, 0.0),
-                       star_vel=(0.0, 0.0)) -> "PlanetarySystem":
+                       star_vel=(0.0, 0.0)) -> PlanetarySystem:
         """Planets from inertial positions [K, 2] (AU) and velocities [K, 2] (AU/yr; [2] for one planet) and
         the star's [2]. NaN/inf states raise :class:`StateError` naming the argument, a planet on the star
         too; a planet count that differs from ``len(m_planet)`` raises ValueError."""
@@ -1054,7 +1066,8 @@ class PlanetarySystem:
         if substeps is not None:
             substeps = _check_count("substeps", substeps, 1, TimeStepError)
         if not (isinstance(steps_per_orbit, (int, float, np.integer, np.floating))
-                and not isinstance(steps_per_orbit, bool) and np.isfinite(steps_per_orbit) and steps_per_orbit > 0):
+                and not isinstance(steps_per_orbit, bool) and np.isfinite(steps_per_orbit)
+                and steps_per_orbit > 0):
             raise TimeStepError(f"steps_per_orbit must be a finite number > 0, got {steps_per_orbit!r}")
         K = len(self.m_planet)
         t = np.arange(n_steps) * dt
@@ -1065,8 +1078,8 @@ class PlanetarySystem:
             el = self.elements()
             if np.any(el.e >= 1):
                 idx = np.nonzero(el.e >= 1)[0].tolist()
-                raise EccentricityError(f"kepler mode needs bound orbits, but the initial states of planets {idx} "
-                                        f"are unbound (e = {el.e[idx].tolist()} >= 1: speed at or above escape "
+                raise EccentricityError("kepler mode needs bound orbits, but the initial states of planets "
+                                        f"{idx} are unbound (e = {el.e[idx].tolist()} >= 1: speed at or above escape "
                                         "speed); lower rel_vel / planet_vel, or use mode='nbody'")
             if fixed_star:
                 check_star_dominates(self.m_planet, self.m_star)

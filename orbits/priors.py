@@ -12,10 +12,9 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-
 from gravprobe.orbits import physics
 from gravprobe.orbits.physics import G
+from scipy import stats
 
 # METHOD.md §1.2 (facts: the literature's pretraining distribution)
 DEFAULT_PRIORS: dict = {
@@ -59,7 +58,7 @@ class SystemParams:
     pin_planet: np.ndarray
     pin_phase: np.ndarray
 
-    def take(self, idx) -> "SystemParams":
+    def take(self, idx) -> SystemParams:
         return SystemParams(**{k: v[idx] for k, v in self.__dict__.items()})
 
     @property
@@ -159,12 +158,15 @@ def _check_range(prefix: str, name: str, dist: str, p: dict) -> None:
     bad = [k for k, v in (("low", lo), ("high", hi)) if not _is_number(v)]
     if bad or not lo < hi:
         which = ", ".join(f"{key}.{k}" for k in (bad or ["low", "high"]))
-        raise err(f"{key}: {dist} needs numbers low < high, got low={lo!r}, high={hi!r} ({which}); {valid}; {fix}")
+        raise err(f"{key}: {dist} needs numbers low < high, got low={lo!r}, high={hi!r} ({which}); {valid}; "
+                  f"{fix}")
     if strict and lo <= lo_min:
-        raise err(f"{key}: {dist} needs low > {lo_min:g}, got {key}.low={lo!r}{unit}; {valid}; fix: set {key}.low "
+        raise err(f"{key}: {dist} needs low > {lo_min:g}, got {key}.low={lo!r}{unit}; {valid}; "
+                  f"fix: set {key}.low "
                   f"to a positive number, e.g. {example.split(', ')[0]}")
     if not strict and lo < lo_min:
-        raise err(f"{key}: low={lo} must be >= {lo_min:g} ({key}.low{'; an eccentricity is never negative' if name == 'eccentricity' else ''}); "
+        why = "; an eccentricity is never negative" if name == "eccentricity" else ""
+        raise err(f"{key}: low={lo} must be >= {lo_min:g} ({key}.low{why}); "
                   f"{valid}; fix: e.g. {key}.low={lo_min:g}")
     if hi_max is not None and hi >= hi_max:
         raise err(f"{key}: high={hi} must be < {hi_max:g} ({key}.high; e >= 1 is an unbound orbit); {valid}; "
@@ -177,7 +179,8 @@ def _check_clip(prefix: str, name: str, p: dict) -> None:
     ok = isinstance(c, (list, tuple, np.ndarray)) and len(c) == 2 and all(_is_number(x) for x in c)
     if not ok or not 0 < c[0] <= c[1]:
         raise physics.MassError(f"{key}={c!r} must be two masses [low, high] with 0 < low <= high (Msun): draws "
-                                f"are clipped into that range; fix: e.g. {key}={list(DEFAULT_PRIORS[name]['clip'])}")
+                                "are clipped into that range; fix: e.g. "
+                                f"{key}={list(DEFAULT_PRIORS[name]['clip'])}")
 
 
 def validate_priors(priors: dict, key_prefix: str = "data.priors") -> None:
@@ -228,12 +231,14 @@ def validate_priors(priors: dict, key_prefix: str = "data.priors") -> None:
             if not _is_number(v) or (lo is not None and (v <= lo if strict else v < lo)):
                 what = {"beta": "Beta(a, b)", "gamma": "the Gamma distribution",
                         "lognormal": "the log-normal distribution", "fixed": "a fixed mass"}[dist]
-                raise _ERRORS[name](f"{key}.{k}={v!r} is out of range: {what} needs {_bound_text(lo, strict, hi, unit, k)} "
-                                    f"(a finite number); fix: e.g. {key}.{k}={example:g}")
+                need = _bound_text(lo, strict, hi, unit, k)
+                raise _ERRORS[name](f"{key}.{k}={v!r} is out of range: {what} needs {need} (a finite number); "
+                                    f"fix: e.g. {key}.{k}={example:g}")
     sigma = priors.get("com_sigma", DEFAULT_PRIORS["com_sigma"])
     if not _is_number(sigma) or sigma < 0:
         raise ValueError(f"{key_prefix}.com_sigma={sigma!r} is out of range: the centre of mass is drawn from "
-                         f"N(0, sigma^2 I) AU, so sigma must be a finite number >= 0 AU (0: at the origin); fix: e.g. "
+                         "N(0, sigma^2 I) AU, so sigma must be a finite number >= 0 AU (0: at the origin); "
+                         "fix: e.g. "
                          f"{key_prefix}.com_sigma={DEFAULT_PRIORS['com_sigma']:g}")
 
 
@@ -273,11 +278,13 @@ def sample_systems(rng: np.random.Generator, n: int, *, system: str = "prior", p
     ``loguniform {low, high}``. The default distributions draw exactly as before (same numbers)."""
     # validation draws nothing: the generator's state (and so every draw below) is unchanged
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed)), got {rng!r}")
+        raise TypeError("rng must be a numpy.random.Generator (e.g. numpy.random.default_rng(seed)), "
+                        f"got {rng!r}")
     n = physics._check_count("n (number of systems)", n, 0)
     n_dt = physics._check_count("n_dt (number of time steps)", n_dt, 1)
     if dt_index is not None and not (physics._check_count("dt_index", dt_index, 0) < n_dt):
-        raise ValueError(f"dt_index={dt_index} must be None or an index into the {n_dt} time steps, 0..{n_dt - 1}")
+        raise ValueError(f"dt_index={dt_index} must be None or an index into the {n_dt} time steps, "
+                         f"0..{n_dt - 1}")
     p = merge_priors(priors)
     validate_priors(p, "priors")
     if system == "prior":

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from gravprobe.orbits.physics import (
-    G,
     EccentricityError,
+    G,
     MassError,
     PhysicsError,
     PlanetarySystem,
@@ -35,7 +34,7 @@ def _earth(**kw) -> PlanetarySystem:
 
 # ------------------------------------------------------------------------------------ scalars in, scalars out
 def test_state_error_is_exported_and_typed():
-    import gravprobe.orbits as orbits
+    from gravprobe import orbits
 
     assert orbits.StateError is StateError and "StateError" in orbits.__all__
     assert issubclass(StateError, PhysicsError) and issubclass(StateError, ValueError)
@@ -65,7 +64,7 @@ def test_other_functions_take_scalars_and_one_vector():
     el = elements_from_state([1.0, 0.0], [0.0, 2 * np.pi], G)
     assert np.ndim(el.a) == 0 and el.lrl.shape == (2,) and el.e == pytest.approx(0.0, abs=1e-12)
     for drift in (kepler_drift, kepler_drift_universal):
-        r1, v1 = drift([1.0, 0.0], [0.0, 2 * np.pi], G, 1.0)  # one period of a circular 1 AU orbit
+        r1, _ = drift([1.0, 0.0], [0.0, 2 * np.pi], G, 1.0)  # one period of a circular 1 AU orbit
         assert r1.shape == (2,) and np.allclose(r1, [1.0, 0.0], atol=1e-9)
     # a negative dt drifts backwards
     r_back, _ = kepler_drift([1.0, 0.0], [0.0, 2 * np.pi], G, -0.25)
@@ -75,8 +74,8 @@ def test_other_functions_take_scalars_and_one_vector():
 
 def test_integrate_nbody_takes_one_system_without_batch_axis():
     sys = _earth()
-    args = dict(star_pos0=sys.star_pos, star_vel0=sys.star_vel, planet_pos0=sys.star_pos + sys.rel_pos,
-                planet_vel0=sys.star_vel + sys.rel_vel)
+    args = {"star_pos0": sys.star_pos, "star_vel0": sys.star_vel, "planet_pos0": sys.star_pos + sys.rel_pos,
+            "planet_vel0": sys.star_vel + sys.rel_vel}
     one = integrate_nbody(1.0, sys.m_planet, **args, dt=0.01, n_steps=5, substeps=2)
     batch = integrate_nbody(np.array([1.0]), sys.m_planet[None], **{k: v[None] for k, v in args.items()},
                             dt=np.array([0.01]), n_steps=5, substeps=2)
@@ -241,8 +240,8 @@ def test_kepler_mode_names_the_unbound_planet():
      r"data.priors.eccentricity.a=-1.0 is out of range: Beta\(a, b\) needs a > 0 .*fix: e.g. data.priors.eccentricity.a=0.867"),
     ({"eccentricity": {"b": "x"}}, EccentricityError, r"data.priors.eccentricity.b='x' is out of range"),
     ({"semi_major_axis": {"low": -1.0, "high": 2.0}}, SemiMajorAxisError,
-     r"data.priors.semi_major_axis: uniform needs low > 0, got data.priors.semi_major_axis.low=-1.0 AU; "
-     r"valid: 0 < low < high AU; fix: set data.priors.semi_major_axis.low to a positive number"),
+     (r"data.priors.semi_major_axis: uniform needs low > 0, got data.priors.semi_major_axis.low=-1.0 AU; "
+      r"valid: 0 < low < high AU; fix: set data.priors.semi_major_axis.low to a positive number")),
     ({"semi_major_axis": {"low": 5.0, "high": 2.0}}, SemiMajorAxisError,
      r"needs numbers low < high, got low=5.0, high=2.0 \(data.priors.semi_major_axis.low, data.priors.semi_major_axis.high\)"),
     ({"planet_mass": {"scale": 0.0}}, MassError, r"data.priors.planet_mass.scale=0.0 is out of range: the Gamma distribution needs scale > 0"),
