@@ -12,13 +12,13 @@ A checkpoint is one ``torch.save`` file (a dict: ``model``, ``optimizer``, ``sch
 A checkpoint *verifies* when it reads, its checksum matches and every floating-point tensor of the
 weights and the optimiser state is finite (:func:`read_checkpoint`).
 
-Two are kept per run: ``checkpoints/last.pt`` and the one before it, ``checkpoints/prev.pt``
-(:func:`save_checkpoint` moves ``last.pt`` aside before writing the new one, and moves it back if the
-write fails). Resuming takes the newest that verifies (:func:`newest_good_checkpoint`) and says so when
-that is not ``last.pt``. The write itself is :func:`gravprobe.common.atomic_write_bytes`: a temporary
-``.last.pt.*.tmp`` next to the target, fsync, rename; removed on failure (a full or read-only disk raises
-:class:`gravprobe.common.StorageError` naming the path and the bytes needed), and swept by
-:func:`sweep_temporary_files` on resume after a hard kill.
+Two are kept per run: ``checkpoints/last.pt`` and the one before it, ``checkpoints/prev.pt``.
+:func:`save_checkpoint` stages the new file whole (:func:`gravprobe.common.atomic_write_bytes`: a
+temporary ``.last.pt.*.tmp``, fsync, rename; removed on failure, and a full or read-only disk raises
+:class:`gravprobe.common.StorageError` naming the path and the bytes needed) and only then renames
+``last.pt`` to ``prev.pt`` and the staged file to ``last.pt``. Resuming takes the newest that verifies
+(:func:`newest_good_checkpoint`) and says so when that is not ``last.pt``; the temporary files of a write
+killed by SIGKILL are swept then (:func:`sweep_temporary_files`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gravprobe.common import atomic_write_bytes, check_free_space, human_bytes
+from gravprobe.common import StorageError, atomic_write_bytes, check_free_space, human_bytes, storage_error
 
 from .model import GPT, GPTConfig
 
@@ -140,25 +140,32 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], *, keep_previous
     """Write ``state`` to ``path`` atomically, with its format version and checksum; return the bytes written.
 
     The caller checks that the state is finite first (:func:`nonfinite_tensors`): this function writes what
-    it is given. With ``keep_previous`` the existing ``path`` becomes :func:`previous_path` first and is put
-    back if the write fails, so a failed write never leaves fewer good checkpoints than before under their
-    usual names. Raises :class:`gravprobe.common.StorageError` (path, bytes needed, fix) on a full or
-    read-only disk; the temporary file is removed either way.
+    it is given. The new file is staged whole as ``.<name>.new.tmp`` (``atomic_write_bytes``: fsync'd, its
+    own temporary file removed on failure); only then does the existing ``path`` become
+    :func:`previous_path` (with ``keep_previous``) and the staged file ``path``. A failed write therefore
+    changes no kept checkpoint, and a kill between the two renames leaves ``prev.pt`` to resume from.
+    Raises :class:`gravprobe.common.StorageError` (the path, the bytes needed, the fix) on a full or
+    read-only disk.
     """
     path = Path(path)
     data = serialise(state)
     what = f"the step-{state.get('step')} checkpoint" if "step" in state else "a checkpoint"
-    prev = previous_path(path)
-    moved = False
-    if keep_previous and path.is_file():
-        os.replace(path, prev)
-        moved = True
+    staged = path.with_name(f".{path.name}.new.tmp")
     try:
-        atomic_write_bytes(path, data, what=what)
-    except BaseException:
-        if moved and not path.exists():
-            os.replace(prev, path)
-        raise
+        try:
+            atomic_write_bytes(staged, data, what=what)
+        except StorageError as e:      # name the checkpoint, not the staging file
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+            raise storage_error(cause, path, what, len(data)) from cause
+        try:
+            if keep_previous and path.is_file():
+                os.replace(path, previous_path(path))
+            os.replace(staged, path)
+        except OSError as e:
+            raise storage_error(e, path, what, len(data)) from e
+    finally:
+        if staged.exists():
+            staged.unlink()
     return len(data)
 
 

@@ -225,6 +225,7 @@ class _Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -353,8 +354,9 @@ class _Run:
     t0: float = field(default_factory=time.time)
     resumed: bool = False
     last_good: tuple[Path, int] | None = None   # the newest checkpoint known to be good: (path, step)
-    val_orbits: list = field(default_factory=list)
+    val_orbits: list = field(default_factory=list)   # the fixed validation batches
     val_text: list = field(default_factory=list)
+    version: str = ""              # gravprobe version + git commit, recorded once per run in every checkpoint
 
     @property
     def is_main(self) -> bool:
@@ -455,7 +457,7 @@ def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
                 mcfg=mcfg, orbit_len=orbit_len, text_len=text_len, source=source, batches=batches,
                 raw_model=model, optimizer=optimizer, scheduler=scheduler, model=model,
                 val_orbits=batches.val_orbit_batches(n_val, max(1, int(tc.batch_size) - batches.n_text)),
-                val_text=batches.val_text_batches(n_val, max(1, batches.n_text)))
+                val_text=batches.val_text_batches(n_val, max(1, batches.n_text)), version=code_version())
 
 
 def _resume(run: _Run) -> None:
@@ -662,7 +664,7 @@ def _state(run: _Run) -> dict:
                       "cache": str(corpus.path)} if corpus else None),
             "orbit_len": run.orbit_len, "text_len": run.text_len if corpus else None,
             "first_val_loss": run.first, "tokens": run.tokens_seen, "wall_s": run.wall(),
-            "world_size": run.dist.world, "code_version": code_version()}
+            "world_size": run.dist.world, "code_version": run.version}
 
 
 def _checkpoint(run: _Run) -> None:
