@@ -334,3 +334,35 @@ def test_space_estimate_counts_three_checkpoints_less_existing(tmp_path, monkeyp
     (tmp_path / "last.pt").write_bytes(b"x" * 4000)
     (tmp_path / "prev.pt").write_bytes(b"x" * 4000)
     assert check_checkpoint_space(tmp_path, 4000) == 4000     # two already on disk: one more is needed
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_exact(home, tmp_path):
+    """A training process killed with SIGKILL (possibly mid-write) resumes from what it left, exactly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    common = ["train.steps=30", "train.ckpt_every=2", "model.orbit_mode=continuous", "model.context_noise=0.1"]
+    run(home, tmp_path / "straight", *common)
+    rd = tmp_path / "killed"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_pretrain_reliability as t; "
+            "from pathlib import Path; t.run(Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:])")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(home), str(rd), *common],
+                            env={**os.environ, "GRAVPROBE_HOME": str(home)}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (ckpts(rd) / "prev.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "training finished before it could be killed; raise train.steps"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    out = run(home, rd, *common)
+    assert out["steps"] == 30
+    assert_no_temporary_files(rd)
+    a = read_checkpoint(tmp_path / "straight/checkpoints/last.pt")
+    b = read_checkpoint(ckpts(rd) / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
