@@ -194,3 +194,27 @@ def test_package_installs_and_reexports_what_callers_use():
     assert used <= set(dir(report)), used - set(dir(report))
     assert set(report.__all__) <= set(dir(report))
     assert callable(report.load)  # the function, not the submodule of the same name
+
+
+def test_the_probe_stages_writers_and_the_report_agree(tmp_path):
+    """The files written by the probe stage's own writers (force_predictions.csv, laws_<tag>.npz) are the
+    ones the report reads: every source, every galaxy's points, the head's rows for the run figure."""
+    from gravprobe.probes.pipeline import SOURCE_TAGS, source_titles, write_force_predictions, write_law_data
+
+    rng = np.random.default_rng(0)
+    X = np.column_stack([rng.uniform(0.5, 5, 40), rng.uniform(1e-3, 0.1, 40), rng.uniform(0.5, 2, 40)])
+    y = 39.478 * X[:, 1] * X[:, 2] / X[:, 0] ** 2
+    galaxies, seeds = [np.arange(0, 20), np.arange(10, 30)], [3, 7]  # galaxies may share points
+    titles = source_titles(2)
+    for section in ("galaxies", "oracle"):
+        write_law_data(tmp_path, SOURCE_TAGS[section], X, y, galaxies, seeds)
+    write_force_predictions({titles["galaxies"]: (y, 1.1 * y), titles["oracle"]: (y, y)}, tmp_path)
+    probes = {"galaxies": [{"seed": s, "expression": NEWTON, "newtonian": True} for s in seeds],
+              "oracle": {"k": 2, "galaxies": [{"seed": s, "expression": NEWTON, "newtonian": True} for s in seeds]}}
+    assert report.law_sources(tmp_path) == ["head", "oracle"]
+    laws = report.read_laws(tmp_path, "head", probes)
+    assert [int((laws.galaxy == s).sum()) for s in seeds] == [20, 20]
+    np.testing.assert_allclose(report.evaluate_law(NEWTON, laws.X), laws.y)
+    by = report.force_predictions_by_source(tmp_path)
+    assert list(by) == [titles["galaxies"], titles["oracle"]]
+    np.testing.assert_allclose(report.force_predictions(tmp_path)["predicted"], 1.1 * y)

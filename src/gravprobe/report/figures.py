@@ -506,10 +506,12 @@ def draw_stage_figures(variant: VariantResult, config: dict | None = None) -> li
         ordered = dict(sorted(preds.items(), key=lambda kv: not is_head_source(kv[0])))
         out.append(save_figure(fig_force_predictions(ordered, title=f"{name}: held-out planet steps"),
                                d / "force_pred_vs_true.png"))
+    k = ((variant.probes or {}).get("oracle") or {}).get("k")
     for source in law_sources(d):
         laws = read_laws(d, source, variant.probes)
         if laws is not None:
             title = f"{name}: {SOURCE_TITLES.get(source, source)}"
+            title = title.replace("k-NN", f"{k}-NN") if isinstance(k, int) else title
             out.append(save_figure(fig_laws(laws, title=title), d / f"equations_{source}.png"))
     return [p for p in out if p is not None]
 
