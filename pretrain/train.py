@@ -373,7 +373,8 @@ class _Run:
     @property
     def data_meta(self) -> dict:
         return {"path": str(self.ds_path), "spec": self.spec.to_dict(), "spec_hash": self.spec.spec_hash(),
-                "n_bins": int(self.spec.n_bins), "seed": int(self.cfg.seed), "seq_len": int(self.ds.tokens.shape[1])}
+                "n_bins": int(self.spec.n_bins), "seed": int(self.cfg.seed),
+                "seq_len": int(self.ds.tokens.shape[1])}
 
     def wall(self) -> float:
         """Training seconds so far, including those before a resume."""
@@ -574,11 +575,13 @@ def _train_step(run: _Run) -> torch.Tensor:
     B, n_text = int(tc.batch_size), run.batches.n_text
     micro = run.batches.micro_batches(run.step, dist.rank, dist.world, int(_get(tc, "grad_accum", 1)))
     run.optimizer.zero_grad(set_to_none=True)
-    n_tok = [(n_targets(raw, mb.orbits, "orbits", run.orbit_loss), n_targets(raw, mb.text, "text")) for mb in micro]
+    n_tok = [(n_targets(raw, mb.orbits, "orbits", run.orbit_loss), n_targets(raw, mb.text, "text"))
+             for mb in micro]
     counts = torch.tensor([sum(c[0] for c in n_tok), sum(c[1] for c in n_tok)], dtype=torch.float64)
     if dist.ddp:
         torch.distributed.all_reduce(counts)
-    weight = {"orbits": (B - n_text) / B / max(float(counts[0]), 1.0), "text": n_text / B / max(float(counts[1]), 1.0)}
+    weight = {"orbits": (B - n_text) / B / max(float(counts[0]), 1.0),
+              "text": n_text / B / max(float(counts[1]), 1.0)}
     local = torch.zeros(4, dtype=torch.float64)
     for i, (mb, (no, nt)) in enumerate(zip(micro, n_tok)):
         o = torch.from_numpy(mb.orbits).to(device)
@@ -586,7 +589,8 @@ def _train_step(run: _Run) -> torch.Tensor:
         sync = contextlib.nullcontext() if (not dist.ddp or i == len(micro) - 1) else run.model.no_sync()
         with sync:
             with _autocast(device, run.bf16):
-                losses = run.model(orbits=o if no else o[:0], text=t if nt else t[:0], orbit_targets=run.orbit_loss)
+                losses = run.model(orbits=o if no else o[:0], text=t if nt else t[:0],
+                                   orbit_targets=run.orbit_loss)
             n = {"orbits": no, "text": nt}
             loss = sum(losses[k] * (n[k] * weight[k] * dist.world) for k in losses)
             loss.backward()
@@ -641,9 +645,10 @@ def _nonfinite(run: _Run, what: str, *, applied: bool = False) -> NonFiniteLossE
     else:
         where = "no checkpoint was written yet"
     done = "no checkpoint was written from it" if applied else "the step was not applied"
-    fix = (f"lower train.lr (now {float(_get(tc, 'lr', 6e-4)):g}), raise train.warmup_steps (now "
-           f"{int(_get(tc, 'warmup_steps', 0))}) or keep train.grad_clip on (now {float(_get(tc, 'grad_clip', 0) or 0):g}), "
-           "or check the data; start again in a new run folder (a resume restores the old schedule)")
+    lr, warmup, clip = float(_get(tc, "lr", 6e-4)), int(_get(tc, "warmup_steps", 0)), _get(tc, "grad_clip", 0)
+    fix = (f"Lower train.lr (now {lr:g}), raise train.warmup_steps (now {warmup}) or keep train.grad_clip on "
+           f"(now {float(clip or 0):g}), or check the data; start again in a new run folder (a resume restores "
+           "the old schedule)")
     return NonFiniteLossError(f"{what} at step {step}; training stopped and {done}; {where}. {fix}")
 
 
@@ -695,13 +700,15 @@ def _finish(run: _Run, metrics: _Metrics) -> dict:
     ``results.json["pretrain"]`` (numbers only; ``gravprobe.report.draw_figures`` draws the figures)."""
     tc, spec, corpus, device = run.cfg.train, run.spec, run.corpus, run.dist.device
     last = run.evaluate()
-    metrics.log(run.step, "val", last, run.scheduler.get_last_lr()[0], run.tokens_seen * run.dist.world, run.wall())
+    metrics.log(run.step, "val", last, run.scheduler.get_last_lr()[0], run.tokens_seen * run.dist.world,
+                run.wall())
     log.info("step %d: val %s", run.step, _fmt(last))
     ex = _get(tc, "extrapolation", {}) or {}
     extrap = length_extrapolation(
         run.raw_model, factors=list(_get(ex, "factors", [1, 2, 4, 8, 16]) or []), orbit_len=run.orbit_len,
         text_len=run.text_len if corpus else None, spec=spec,
-        seed=int(run.cfg.seed) + int(_get(ex, "seed_offset", 1000003)), n_systems=int(_get(ex, "orbit_systems", 16)),
+        seed=int(run.cfg.seed) + int(_get(ex, "seed_offset", 1000003)),
+        n_systems=int(_get(ex, "orbit_systems", 16)),
         text_split=corpus.val if corpus else None, n_windows=int(_get(ex, "text_windows", 16)),
         batch_size=int(_get(ex, "batch_size", 4)), device=device, bf16=run.bf16)
     dyn_cfg = _get(tc, "dynamics", {}) or {}
@@ -734,7 +741,8 @@ def _finish(run: _Run, metrics: _Metrics) -> dict:
         "wall_s": round(run.wall(), 2), "checkpoint": str(run.ckpt_path),
     }
     update_results(run.run_dir, "pretrain", summary)   # figures: gravprobe.report.draw_figures(run_dir)
-    return {"checkpoint": str(run.ckpt_path), "steps": run.step, "loss": summary["loss"], "length_extrapolation": extrap}
+    return {"checkpoint": str(run.ckpt_path), "steps": run.step, "loss": summary["loss"],
+            "length_extrapolation": extrap}
 
 
 def _autocast(device: torch.device, bf16: bool):
