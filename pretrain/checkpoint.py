@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 LAST, PREVIOUS = "last.pt", "prev.pt"
-# The sections holding tensors that training updates; a non-finite value in any of them poisons a resume.
-TRAINED_SECTIONS = ("model", "optimizer")
 
 
 class CheckpointError(ValueError):
@@ -229,7 +227,10 @@ def read_checkpoint(path: str | Path) -> dict:
                               f"{READABLE_FORMATS}: upgrade gravprobe or re-run `gravprobe pretrain`")
     if fmt >= 2:
         stored = ckpt.get("sha256")
-        actual = state_digest(ckpt)
+        try:
+            actual = state_digest(ckpt)
+        except TypeError as e:   # a value no gravprobe writes: the content was altered
+            raise CheckpointError(f"checkpoint {path} is damaged: {e}") from e
         if stored != actual:
             raise CheckpointError(f"checkpoint {path} is damaged: its sha256 {str(stored)[:12]}... does not match "
                                   f"the content {actual[:12]}...")
