@@ -208,20 +208,23 @@ def _lssar_stats(s: torch.Tensor, n: torch.Tensor, o: torch.Tensor):
 
 
 def _lssar_weights(e, alpha, beta, uniform, n, p, visible, total=None):
-    """``w = u^p`` (and ``u^(p-1)``), with the uniform-row limit (reference.py): ``w = visible``, ``W = n``.
-    The limit is rare, so it is skipped when no row is uniform (eager); a compiled graph cannot branch on
-    data and always applies it."""
+    """``w = u^p`` (and ``u^(p-1)``), with the uniform-row limit (reference.py): ``w = visible``, ``W = n``;
+    returns ``w, u^(p-1), W`` and the uniform-row flags. Without ``total`` (forward) a row whose every ``w``
+    is 0 although ``m_i > 0`` also takes the limit: its ``m_i`` was rounding noise (a near-uniform row,
+    e.g. identical keys), where the reference's own row maximum gives a uniform row too. The limit is rare,
+    so it is skipped when no row is uniform (eager); a compiled graph cannot branch on data and always
+    applies it."""
     u = torch.addcmul(-beta, e, alpha).clamp_min_(0.0)
     up1 = _pow(u, p - 1.0)
     w = up1 * u
+    if total is None:
+        total = w.sum(-1, keepdim=True)
+        uniform = uniform | (total <= 0)
     any_uniform = torch.compiler.is_compiling() or bool(uniform.any())
     if any_uniform:
         w = torch.where(uniform, visible.to(w.dtype), w)
-    if total is None:
-        total = w.sum(-1, keepdim=True)
-        if any_uniform:
-            total = torch.where(uniform, n.expand_as(total), total)
-    return w, up1, total
+        total = torch.where(uniform, n.expand_as(total), total)
+    return w, up1, total, uniform
 
 
 class _LssarRows(torch.autograd.Function):
@@ -254,12 +257,14 @@ class _LssarRows(torch.autograd.Function):
             else:
                 s = _scores(qs[sl], ks[sl], bias)
                 e = _softplus_weights(s)
-                w, up1, _ = _lssar_weights(e, alpha[sl], beta[sl], uniform[sl], n, p, visible, total[sl])
+                w, up1, _, _ = _lssar_weights(e, alpha[sl], beta[sl], uniform[sl], n, p, visible, total[sl])
                 sig = torch.sigmoid_(s)
             du, gz = _grad_rows(g[sl], out[sl], v[sl], total[sl], factor=p)       # p dL/dw
             du.mul_(up1)          # p u^(p-1): 0 where u = 0 for p > 1, so ReLU's mask comes for free
             if p <= 1.0:
                 du.mul_(w > 0)
+            if torch.compiler.is_compiling() or bool(uniform[sl].any()):
+                du.masked_fill_(uniform[sl], 0.0)     # a uniform row's weights do not depend on the scores
             a = alpha[sl]
             dz = (du * e).sum(-1, keepdim=True).mul_(-a / z[sl])
             ds = torch.addcmul(dz, du, a).mul_(sig)
@@ -280,7 +285,7 @@ def _lssar_forward(qs, ks, v, bias, n, o, p, visible, keep=False):
     for sl in chunks:
         s = _scores(qs[sl], ks[sl], bias)
         e, z, alpha, beta, uniform = _lssar_stats(s, n, o)
-        w, up1, total = _lssar_weights(e, alpha, beta, uniform, n, p, visible)
+        w, up1, total, uniform = _lssar_weights(e, alpha, beta, uniform, n, p, visible)
         torch.bmm(w, v[sl], out=out[sl]).div_(total)
         if keep:
             for dst, src in zip(stats, (z, alpha, beta, uniform, total)):

@@ -519,3 +519,28 @@ def test_layer_resolves_params_at_construction_only(monkeypatch):
         layer(x).sum().backward()
         layer.attention_weights(x)
         assert calls == [], f"{variant}: the forward pass resolved its parameters again"
+
+
+def test_eager_lssar_identical_keys_take_the_uniform_limit_for_every_draw():
+    """Identical keys make each stage-1 row uniform up to rounding; the fast path's row maximum (from the
+    largest score) can then be rounding noise with every w = 0: it must return the reference's uniform row,
+    not 0/0 (about 4 % of random draws did, seeds 0, 32 and 46 among them)."""
+    from gravprobe.attention import eager
+
+    T = 9
+    q0, _, v0 = _qkv(B=1, T=T, H=2, D=3, seed=22)
+    q0[0, 5, 0] = 0.0
+    uniform = torch.cumsum(v0, 1) / torch.arange(1, T + 1, dtype=torch.float64)[None, :, None, None]
+    for seed in (0, 32, 46, 131, 132, *range(1, 8)):
+        k0 = torch.randn(1, 1, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0.expand(1, T, 2, 3).contiguous(), v0))
+        got = eager.eager_attention(q, k, v, "lssar")
+        torch.testing.assert_close(got, uniform, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+        torch.testing.assert_close(got, reference_attention(q, k, v, "lssar"), rtol=1e-12, atol=1e-12)
+        # the q/k gradients of a near-uniform row are rounding noise amplified by p, in the reference too
+        # (README "near-uniform rows"): only required finite here; dv is exact
+        dq, dk, dv = torch.autograd.grad(got.square().sum(), (q, k, v))
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all(), f"seed {seed}"
+        vv = v0.clone().requires_grad_()
+        mean = torch.cumsum(vv, 1) / torch.arange(1, T + 1, dtype=torch.float64)[None, :, None, None]
+        torch.testing.assert_close(dv, torch.autograd.grad(mean.square().sum(), vv)[0], rtol=1e-10, atol=1e-12)
