@@ -66,10 +66,21 @@ def _task(cfg) -> dict | None:
         log.info("torch intra-op threads: %d", threads)
     fn = getattr(importlib.import_module(mod_name), fn_name)
     try:
-        return fn(cfg, run_dir)
+        summary = fn(cfg, run_dir)
     except ConfigError as e:  # a config problem only the stage could see (e.g. a resumed run of another config)
         log.error("%s", e)
         raise SystemExit(2) from None
+    if stage in ("pretrain", "probe"):
+        # stages write numbers; the report package draws every figure (`run` draws in its report step)
+        try:
+            from gravprobe.report import draw_figures
+
+            for path in draw_figures(run_dir):
+                log.info("figure %s", path)
+        except Exception as e:  # a figure must never cost the numbers the stage wrote
+            log.warning("could not draw the figures of %s (%s: %s); `gravprobe report %s` retries",
+                        run_dir, type(e).__name__, e, run_dir)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------- preflight
@@ -206,6 +217,8 @@ def _compose_and_validate(stage: str, runs: list[list[str]]) -> list[str]:
                     cfg = compose("config", overrides=[*ov, f"stage={stage}"])
                 except HydraException:
                     continue
+            if first:
+                problems += _unwritable_home(cfg)
             try:
                 validate_config(cfg, stage, overrides=ov)
             except ConfigError as e:
@@ -213,6 +226,36 @@ def _compose_and_validate(stage: str, runs: list[list[str]]) -> list[str]:
                 problems += [p if first or p in problems else f"{p} [in the sweep job {' '.join(ov)}]"
                              for p in e.problems]
     return problems
+
+
+def _unwritable_home(cfg) -> list[str]:
+    """The output root must be writable before Hydra creates a run folder under it (a read-only share or a
+    missing permission would otherwise end in a raw ``OSError`` traceback). Tried for real: the root is
+    not created here: a temporary file (and folder) is made and removed in the nearest existing folder."""
+    import errno
+    import os
+    import tempfile
+
+    from gravprobe.common import output_root, storage_error
+
+    try:
+        root = output_root(cfg)
+    except Exception:  # an unresolvable home is reported by the schema check
+        return []
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the nearest folder that exists: nothing is created here
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is not a folder")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+        if probe != root:  # creating the missing folders needs write access to probe, just shown; but a
+            (probe / f".gravprobe-probe-{os.getpid()}").mkdir()  # pseudo file system may refuse folders
+            (probe / f".gravprobe-probe-{os.getpid()}").rmdir()
+    except OSError as e:
+        return [str(storage_error(e, root, "run folders under the output root (home=)"))]
+    return []
 
 
 def main(argv: list[str] | None = None) -> None:

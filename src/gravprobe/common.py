@@ -53,6 +53,9 @@ class StorageError(OSError):
     missing folder, missing permissions. The message names the path, what was being written, the bytes
     needed where known, and the fix."""
 
+    def __str__(self) -> str:  # the message alone: it already names the path (OSError would add errno and path)
+        return str(self.strerror or super().__str__())
+
 
 _FIXES = {
     errno.ENOSPC: "free space there or point the output root elsewhere (GRAVPROBE_HOME=PATH, or out=PATH for generate)",
@@ -60,6 +63,7 @@ _FIXES = {
     errno.EROFS: "the file system is read-only: set GRAVPROBE_HOME (or out=PATH for generate) to a writable folder",
     errno.EACCES: "you may not write there: set GRAVPROBE_HOME (or out=PATH for generate) to a folder you own",
     errno.EPERM: "you may not write there: set GRAVPROBE_HOME (or out=PATH for generate) to a folder you own",
+    errno.ENOTDIR: "a file stands where a folder is needed: set GRAVPROBE_HOME (or out=PATH) to a folder",
 }
 
 
