@@ -226,7 +226,8 @@ def _simulate_nbody(spec: DatasetSpec, p: SystemParams, dts: np.ndarray, T: int,
         todo = redo
     # total force on each planet: star + other planets (steps past a system's end are zeros: ignore)
     err_state = np.seterr(divide="ignore", invalid="ignore")
-    F = physics.gravity_force(planet_pos - star_pos[:, None], m[..., None], p.m_star[:, None, None])
+    F = physics.gravity_force(planet_pos - star_pos[:, None], m[..., None], p.m_star[:, None, None],
+                              zero_separation="nan")
     for k2 in range(K):
         d = planet_pos - planet_pos[:, k2:k2 + 1]
         r2 = (d**2).sum(-1)

@@ -478,9 +478,8 @@ def gravity_force(rel_pos, m_planet, m_star, *, softening: float = 0.0,
     * ``softening=eps`` (AU, > 0) gives the Plummer-softened force ``-G m_p m_s r / (r^2 + eps^2)^(3/2)``,
       finite everywhere and 0 at r = 0;
     * otherwise ``zero_separation="raise"`` (default) raises :class:`StateError` naming the element, and
-      ``"nan"`` returns NaN there (for callers that evaluate unused slots, e.g. padding, and discard them).
-      Under ``np.errstate(divide="ignore")`` the default behaves as ``"nan"`` (numpy's rule for a division
-      by zero the caller chose to ignore; the dataset builder evaluates padded steps that way).
+      ``"nan"`` returns NaN there (for callers that evaluate unused slots, e.g. padding, and discard them:
+      the dataset builder does).
     """
     r = _check_xy("gravity_force: rel_pos", rel_pos, "AU")
     mp, ms = (_as_float(f"gravity_force: {n}", m) for n, m in (("m_planet", m_planet), ("m_star", m_star)))
@@ -502,7 +501,7 @@ def gravity_force(rel_pos, m_planet, m_star, *, softening: float = 0.0,
     r2 = r[..., 0] ** 2 + r[..., 1] ** 2
     if eps > 0:
         r2 = r2 + eps * eps
-    elif zero_separation == "raise" and np.geterr()["divide"] != "ignore":
+    elif zero_separation == "raise":
         _check_separation("gravity_force: rel_pos", np.sqrt(r2))
     with np.errstate(divide="ignore", invalid="ignore"):  # r = 0 reaches here only when NaN was asked for
         k = -G * mp * ms / (r2 * np.sqrt(r2))
