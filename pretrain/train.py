@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from gravprobe.common import arm_label, code_version, output_root, update_results
+from gravprobe.config import TrainConfig, select, to_container
 
 from .checkpoint import (  # CHECKPOINT_FORMAT, load_checkpoint: still importable from here
     CHECKPOINT_FORMAT,  # noqa: F401
@@ -52,7 +53,7 @@ from .checkpoint import (  # CHECKPOINT_FORMAT, load_checkpoint: still importabl
 )
 from .data import DatasetMismatchError, MixedBatches, OrbitSource
 from .evaluate import length_extrapolation, mean_loss, n_targets
-from .model import GPT, ORBIT_TARGETS, GPTConfig
+from .model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,30 +67,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _get(node: Any, key: str, default: Any = None) -> Any:
-    if node is None:
-        return default
-    if isinstance(node, Mapping):
-        return node.get(key, default)
-    try:
-        return node.get(key, default)
-    except AttributeError:
-        return getattr(node, key, default)
-
-
-def _container(node: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(node, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(node, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return node
+def train_config(train_cfg: Any) -> TrainConfig:
+    """``cfg.train`` (an OmegaConf node, a dict — missing keys from ``conf/train/default.yaml`` — or a
+    :class:`~gravprobe.config.TrainConfig`) as the typed, validated section; raises ``ConfigError``."""
+    return train_cfg if isinstance(train_cfg, TrainConfig) else TrainConfig.from_cfg(train_cfg)
 
 
 def _home(cfg: Any) -> Path:
-    home = _get(cfg, "home")
+    home = select(cfg, "home")
     return Path(home).expanduser().resolve() if home else output_root()
 
 
@@ -150,24 +135,25 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: st
 
 
 def make_optimizer(model: nn.Module, tc: Any) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices/embeddings (dim >= 2) only."""
+    """AdamW with weight decay on matrices/embeddings (dim >= 2) only; ``tc``: ``cfg.train`` or a
+    :class:`~gravprobe.config.TrainConfig`."""
+    tc = train_config(tc)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    betas = tuple(float(b) for b in _get(tc, "betas", (0.9, 0.95)))
-    return torch.optim.AdamW([{"params": decay, "weight_decay": float(_get(tc, "weight_decay", 0.1))},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=float(_get(tc, "lr", 6e-4)),
-                             betas=betas)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
+                             betas=tuple(float(b) for b in tc.betas))
 
 
 def model_config(cfg: Any, orbit_vocab: int, text_vocab: int) -> GPTConfig:
     """``GPTConfig`` from ``cfg.model`` and ``cfg.attention`` plus the data-derived vocabularies."""
-    m = _container(cfg.model)
+    m = to_container(cfg.model)
     fields = {k: v for k, v in m.items() if k != "name"}
     unknown = sorted(set(fields) - set(GPTConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown}; valid: {sorted(GPTConfig.__dataclass_fields__)}")
     return GPTConfig(**fields, orbit_vocab=orbit_vocab, text_vocab=text_vocab,
-                     attention=_container(cfg.attention))
+                     attention=to_container(cfg.attention))
 
 
 # ---------------------------------------------------------------------------------------- RNG states
@@ -229,11 +215,11 @@ class _Metrics:
 
 
 # ------------------------------------------------------------------------------------------------- main
-def _ensure_orbits(cfg: Any, dist: _Dist):
+def _ensure_orbits(cfg: Any, dist: _Dist, tc: TrainConfig | None = None):
     from gravprobe.orbits import config_dataset_path, ensure_dataset, load_dataset
 
     spec, default_path = config_dataset_path(cfg, "data")  # ${home}/data/<name>-<hash8>-s<seed>, or out=
-    explicit = _get(cfg.train, "dataset")
+    explicit = (tc or train_config(cfg.train)).dataset
     if explicit:
         path = Path(explicit).expanduser()
         if not (path / "manifest.json").is_file():
@@ -242,7 +228,7 @@ def _ensure_orbits(cfg: Any, dist: _Dist):
     else:
         path = default_path
         if dist.rank == 0:
-            ensure_dataset(spec, path, seed=cfg.seed, workers=int(_get(cfg, "workers", 0) or 0))
+            ensure_dataset(spec, path, seed=cfg.seed, workers=int(cfg.workers))
         dist.barrier()
     ds = load_dataset(path)
     if ds.spec.spec_hash() != spec.spec_hash():
@@ -262,7 +248,7 @@ def _ensure_orbits(cfg: Any, dist: _Dist):
 def main(cfg: Any, run_dir: str | Path) -> dict:
     """Pretrain per ``cfg`` into ``run_dir``; returns ``{"checkpoint", "steps", "loss", "length_extrapolation"}``."""
     run_dir = Path(run_dir)
-    dist = _Dist(str(_get(cfg, "device", "auto")))
+    dist = _Dist(str(cfg.device))
     if dist.ddp:  # Hydra's timestamped run folder can differ between processes by a second: use rank 0's
         shared = [str(run_dir)]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -281,12 +267,10 @@ def _train(cfg: Any, run_dir: Path, dist: _Dist) -> dict:
     run = _setup(cfg, run_dir, dist)
     _resume(run)
     _wrap_ddp(run)
-    tc = cfg.train
-    steps = int(tc.steps)
-    stop_at = _get(tc, "stop_at")
-    stop = min(steps, int(stop_at)) if stop_at is not None else steps
-    eval_every, ckpt_every = int(_get(tc, "eval_every", 0) or 0), int(_get(tc, "ckpt_every", 0) or 0)
-    log_every = max(1, int(_get(tc, "log_every", 10) or 1))
+    tc = run.tc
+    steps = tc.steps
+    stop = min(steps, tc.stop_at) if tc.stop_at is not None else steps
+    eval_every, ckpt_every, log_every = tc.eval_every, tc.ckpt_every, tc.log_every
     metrics = _Metrics(run_dir, run.is_main, run.step if run.resumed else None)
     run.t0 = time.time()
     if run.step == 0 and run.is_main:
@@ -331,6 +315,7 @@ class _Run:
     """One pretraining run in memory: what :func:`_setup` builds and the counters the loop advances."""
 
     cfg: Any
+    tc: TrainConfig                # cfg.train, typed and validated
     run_dir: Path
     dist: _Dist
     bf16: bool
@@ -368,7 +353,7 @@ class _Run:
 
     @property
     def orbit_loss(self) -> str:
-        return str(_get(self.cfg.train, "orbit_loss", "all"))
+        return self.tc.orbit_loss
 
     @property
     def data_meta(self) -> dict:
@@ -391,22 +376,17 @@ class _Run:
 
 def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
     """Check the training options, load the data, build the model, AdamW and the schedule (fresh weights)."""
-    tc = cfg.train
+    tc = train_config(cfg.train)   # ConfigError (a ValueError) names every bad key before any work
     is_main = dist.rank == 0
     seed = int(cfg.seed)
     device = dist.device
-    precision = str(_get(tc, "precision", "auto"))
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision={precision!r}; choose auto, bf16 or fp32")
-    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
-    if str(_get(tc, "orbit_loss", "all")) not in ORBIT_TARGETS:
-        raise ValueError(f"train.orbit_loss={_get(tc, 'orbit_loss')!r}; choose one of {ORBIT_TARGETS}")
+    bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
     # ---- data
-    spec, ds_path, ds, n_bins = _ensure_orbits(cfg, dist)
-    text_ratio = float(_get(tc, "text_ratio", 0.0))
+    spec, ds_path, ds, n_bins = _ensure_orbits(cfg, dist, tc)
+    text_ratio = tc.text_ratio
     corpus = None
     if text_ratio > 0:
         from .text import load_text_corpus
@@ -417,23 +397,22 @@ def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
         if not is_main:
             corpus = load_text_corpus(cfg.text, _home(cfg), rank=dist.rank)
     mcfg = model_config(cfg, orbit_vocab=n_bins + 3, text_vocab=corpus.vocab_size if corpus else 0)
-    seq_len = _get(tc, "seq_len")
-    orbit_len = int(seq_len) if seq_len else min(int(ds.tokens.shape[1]) - 1, mcfg.block_size)
-    text_len = int(_get(tc, "text_seq_len") or orbit_len)
+    orbit_len = tc.seq_len if tc.seq_len else min(int(ds.tokens.shape[1]) - 1, mcfg.block_size)
+    text_len = tc.text_seq_len or orbit_len
     if mcfg.position == "learned" and max(orbit_len, text_len) > mcfg.block_size:
         from .model import SequenceTooLongError
 
         raise SequenceTooLongError(f"training context {max(orbit_len, text_len)} exceeds the learned-position "
                                    f"model.block_size={mcfg.block_size}; raise model.block_size or lower train.seq_len")
     source = OrbitSource(ds.tokens, getattr(ds, "positions", None), n_bins,
-                         float(_get(tc, "val_fraction", 0.05)), mcfg.orbit_mode)
-    batches = MixedBatches(source, corpus.train if corpus else None, batch_size=int(tc.batch_size),
+                         tc.val_fraction, mcfg.orbit_mode)
+    batches = MixedBatches(source, corpus.train if corpus else None, batch_size=tc.batch_size,
                            text_ratio=text_ratio, orbit_len=orbit_len, text_len=text_len, seed=seed,
                            text_val=corpus.val if corpus else None)
     if text_ratio > 0 and batches.n_text == 0:
         log.warning("train.text_ratio=%g of train.batch_size=%d rounds to 0 text sequences per batch; no text "
-                    "is trained (raise one of them)", text_ratio, int(tc.batch_size))
-    batches.micro_batches(0, dist.rank, dist.world, int(_get(tc, "grad_accum", 1)))  # validates divisibility early
+                    "is trained (raise one of them)", text_ratio, tc.batch_size)
+    batches.micro_batches(0, dist.rank, dist.world, tc.grad_accum)  # validates divisibility early
 
     # ---- model, optimiser, schedule
     torch.manual_seed(seed)            # the same initial weights in every process
@@ -446,18 +425,19 @@ def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
                  "device %s x %d; orbit context %d, text context %s", mcfg.attention.get("name"),
                  mcfg.n_layers, mcfg.d_model, model.num_params() / 1e6, model.num_params(True) / 1e6,
                  device, dist.world, orbit_len, text_len if corpus else "-")
-    steps = int(tc.steps)
+    steps = tc.steps
     optimizer = make_optimizer(model, tc)
-    warmup, min_ratio = int(_get(tc, "warmup_steps", 0)), float(_get(tc, "min_lr_ratio", 0.1))
-    schedule, drop_at = str(_get(tc, "schedule", "cosine")), float(_get(tc, "lr_drop_at", 0.5))
+    warmup, min_ratio = tc.warmup_steps, tc.min_lr_ratio
+    schedule, drop_at = tc.schedule, tc.lr_drop_at
     lr_factor(0, warmup, steps, min_ratio, schedule, drop_at)  # validates the schedule name before any work
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, steps, min_ratio, schedule, drop_at))
-    n_val = int(_get(tc, "eval_batches", 4))
-    return _Run(cfg=cfg, run_dir=run_dir, dist=dist, bf16=bf16, spec=spec, ds_path=ds_path, ds=ds, corpus=corpus,
+    n_val = tc.eval_batches
+    return _Run(cfg=cfg, tc=tc, run_dir=run_dir, dist=dist, bf16=bf16, spec=spec, ds_path=ds_path, ds=ds,
+                corpus=corpus,
                 mcfg=mcfg, orbit_len=orbit_len, text_len=text_len, source=source, batches=batches,
                 raw_model=model, optimizer=optimizer, scheduler=scheduler, model=model,
-                val_orbits=batches.val_orbit_batches(n_val, max(1, int(tc.batch_size) - batches.n_text)),
+                val_orbits=batches.val_orbit_batches(n_val, max(1, tc.batch_size - batches.n_text)),
                 val_text=batches.val_text_batches(n_val, max(1, batches.n_text)), version=code_version())
 
 
@@ -470,11 +450,10 @@ def _resume(run: _Run) -> None:
     process's RNG state, so the run continues exactly as if never stopped. Rank 0 also removes the
     temporary files of a killed checkpoint write and checks that the disk can hold the checkpoints to come.
     """
-    tc = run.cfg.train
     ckpt_dir = run.ckpt_path.parent
     if run.is_main:
         sweep_temporary_files(ckpt_dir)
-    resume = _get(tc, "resume", "auto")
+    resume = run.tc.resume
     path: Path | None = None
     ckpt: dict | None = None
     if isinstance(resume, str) and resume not in ("auto", "true", "false", "True", "False"):
@@ -571,9 +550,9 @@ def _train_step(run: _Run) -> torch.Tensor:
     the gradient norm is not finite; weights that stop being finite in the update stop the run too (before
     any checkpoint): both raise :class:`NonFiniteLossError`.
     """
-    tc, dist, device, raw = run.cfg.train, run.dist, run.dist.device, run.raw_model
-    B, n_text = int(tc.batch_size), run.batches.n_text
-    micro = run.batches.micro_batches(run.step, dist.rank, dist.world, int(_get(tc, "grad_accum", 1)))
+    tc, dist, device, raw = run.tc, run.dist, run.dist.device, run.raw_model
+    B, n_text = tc.batch_size, run.batches.n_text
+    micro = run.batches.micro_batches(run.step, dist.rank, dist.world, tc.grad_accum)
     run.optimizer.zero_grad(set_to_none=True)
     n_tok = [(n_targets(raw, mb.orbits, "orbits", run.orbit_loss), n_targets(raw, mb.text, "text"))
              for mb in micro]
@@ -612,7 +591,7 @@ def _train_step(run: _Run) -> torch.Tensor:
     if not bool(torch.isfinite(grad_norm)):
         raise _nonfinite(run, f"non-finite gradient norm ({float(grad_norm)}) with a finite loss "
                               f"({_fmt(step_losses)})")
-    clip = float(_get(tc, "grad_clip", 0.0) or 0.0)
+    clip = tc.grad_clip
     if clip > 0:
         nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
     run.optimizer.step()
@@ -638,17 +617,16 @@ def _mean_losses(sums: torch.Tensor) -> dict[str, float]:
 def _nonfinite(run: _Run, what: str, *, applied: bool = False) -> NonFiniteLossError:
     """The error for a diverging run: the step, what was found, the last checkpoint that really is good
     (written after the same checks, or verified on resume) and what to change."""
-    tc = run.cfg.train
+    tc = run.tc
     step = run.step if applied else run.step + 1
     if run.last_good is not None:
         where = f"the last good checkpoint is {run.last_good[0]} (step {run.last_good[1]}), checked finite"
     else:
         where = "no checkpoint was written yet"
     done = "no checkpoint was written from it" if applied else "the step was not applied"
-    lr, warmup, clip = float(_get(tc, "lr", 6e-4)), int(_get(tc, "warmup_steps", 0)), _get(tc, "grad_clip", 0)
-    fix = (f"Lower train.lr (now {lr:g}), raise train.warmup_steps (now {warmup}) or keep train.grad_clip on "
-           f"(now {float(clip or 0):g}), or check the data; start again in a new run folder (a resume restores "
-           "the old schedule)")
+    fix = (f"Lower train.lr (now {tc.lr:g}), raise train.warmup_steps (now {tc.warmup_steps}) or keep "
+           f"train.grad_clip on (now {tc.grad_clip:g}), or check the data; start again in a new run folder (a "
+           "resume restores the old schedule)")
     return NonFiniteLossError(f"{what} at step {step}; training stopped and {done}; {where}. {fix}")
 
 
@@ -664,7 +642,7 @@ def _state(run: _Run) -> dict:
     return {"model": run.raw_model.state_dict(), "model_config": run.mcfg.to_dict(),
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "step": run.step,
             "data_position": {"seed": int(run.cfg.seed), "step": run.step}, "rng": gathered,
-            "config": _container(run.cfg), "dataset": run.data_meta,
+            "config": to_container(run.cfg), "dataset": run.data_meta,
             "text": ({"tokenizer": corpus.tokenizer, "vocab_size": corpus.vocab_size, "eot": corpus.eot,
                       "cache": str(corpus.path)} if corpus else None),
             "orbit_len": run.orbit_len, "text_len": run.text_len if corpus else None,
@@ -698,25 +676,23 @@ def _checkpoint(run: _Run) -> None:
 def _finish(run: _Run, metrics: _Metrics) -> dict:
     """Rank 0 after the last step: final validation, length extrapolation, the dynamics check, and
     ``results.json["pretrain"]`` (numbers only; ``gravprobe.report.draw_figures`` draws the figures)."""
-    tc, spec, corpus, device = run.cfg.train, run.spec, run.corpus, run.dist.device
+    tc, spec, corpus, device = run.tc, run.spec, run.corpus, run.dist.device
     last = run.evaluate()
     metrics.log(run.step, "val", last, run.scheduler.get_last_lr()[0], run.tokens_seen * run.dist.world,
                 run.wall())
     log.info("step %d: val %s", run.step, _fmt(last))
-    ex = _get(tc, "extrapolation", {}) or {}
+    ex = tc.extrapolation
     extrap = length_extrapolation(
-        run.raw_model, factors=list(_get(ex, "factors", [1, 2, 4, 8, 16]) or []), orbit_len=run.orbit_len,
-        text_len=run.text_len if corpus else None, spec=spec,
-        seed=int(run.cfg.seed) + int(_get(ex, "seed_offset", 1000003)),
-        n_systems=int(_get(ex, "orbit_systems", 16)),
-        text_split=corpus.val if corpus else None, n_windows=int(_get(ex, "text_windows", 16)),
-        batch_size=int(_get(ex, "batch_size", 4)), device=device, bf16=run.bf16)
-    dyn_cfg = _get(tc, "dynamics", {}) or {}
+        run.raw_model, factors=list(ex.factors), orbit_len=run.orbit_len,
+        text_len=run.text_len if corpus else None, spec=spec, seed=int(run.cfg.seed) + ex.seed_offset,
+        n_systems=ex.orbit_systems, text_split=corpus.val if corpus else None, n_windows=ex.text_windows,
+        batch_size=ex.batch_size, device=device, bf16=run.bf16)
+    dyn = tc.dynamics
     dynamics = None
-    if _get(dyn_cfg, "enabled", True) and "bodies" not in spec.stored_arrays:
+    if dyn.enabled and "bodies" not in spec.stored_arrays:
         log.warning("dynamics not measured: dataset %s stores no bodies array (data.arrays); the report cannot "
                     "say whether the model beats the kinematic baselines", run.ds_path)
-    elif _get(dyn_cfg, "enabled", True):
+    elif dyn.enabled:
         from .dynamics import evaluate_dynamics
 
         ds = run.ds
@@ -724,9 +700,8 @@ def _finish(run: _Run, metrics: _Metrics) -> dict:
             run.raw_model, ds.tokens, getattr(ds, "positions", None) if "positions" in spec.stored_arrays else None,
             ds.bodies if "bodies" in spec.stored_arrays else None, n_bins=int(spec.n_bins),
             coord_range=float(spec.coord_range), train_ids=run.source.train_ids, val_ids=run.source.val_ids,
-            context=run.orbit_len, rollout_steps=int(_get(dyn_cfg, "rollout_steps", 20)),
-            n_val=_get(dyn_cfg, "n_val", 256), n_fit=_get(dyn_cfg, "n_fit", 2048),
-            n_rollout=_get(dyn_cfg, "n_rollout", 32), batch_size=int(_get(dyn_cfg, "batch_size", 32)),
+            context=run.orbit_len, rollout_steps=dyn.rollout_steps, n_val=dyn.n_val, n_fit=dyn.n_fit,
+            n_rollout=dyn.n_rollout, batch_size=dyn.batch_size,
             device=device)
         log.info("dynamics: %s", dynamics.get("verdict"))
     summary = {
@@ -734,10 +709,10 @@ def _finish(run: _Run, metrics: _Metrics) -> dict:
         "dynamics": dynamics,
         "loss": {k: {"first": run.first.get(k), "last": last[k]} for k in last},
         "length_extrapolation": extrap,
-        "model": {"name": _get(run.cfg.model, "name"), "params": run.raw_model.num_params(),
+        "model": {"name": select(run.cfg, "model.name"), "params": run.raw_model.num_params(),
                   "params_non_embedding": run.raw_model.num_params(True)},
         "orbit_context": run.orbit_len, "text_context": run.text_len if corpus else None,
-        "text_ratio": float(_get(tc, "text_ratio", 0.0)), "tokens": run.tokens_seen * run.dist.world,
+        "text_ratio": tc.text_ratio, "tokens": run.tokens_seen * run.dist.world,
         "wall_s": round(run.wall(), 2), "checkpoint": str(run.ckpt_path),
     }
     update_results(run.run_dir, "pretrain", summary)   # figures: gravprobe.report.draw_figures(run_dir)
