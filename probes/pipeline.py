@@ -43,6 +43,7 @@ import io
 import json
 import logging
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -72,39 +73,43 @@ from gravprobe.probes.linear import linear_report, run_linear_probes
 from gravprobe.probes.readouts import run_readouts, untrained_twin
 from gravprobe.probes.symbolic import EquationTable, SRResult, evaluate, fit_equation
 from gravprobe.probes.verdict import compare_to_newton
-from omegaconf import DictConfig, OmegaConf
 
 from gravprobe.common import arm_label, atomic_write_bytes, atomic_write_json, update_results
+from gravprobe.config import (
+    HeadConfig,
+    LinearProbeConfig,
+    ProbeConfig,
+    SelectionConfig,
+    SRConfig,
+    group_defaults,
+    select,
+    to_container,
+)
 
 log = logging.getLogger(__name__)
 
 
-def _get(node, key, default=None):
-    if node is None:
-        return default
-    try:
-        v = node.get(key, default)
-    except AttributeError:
-        v = getattr(node, key, default)
-    return default if v is None else v
+def probe_config(probe_cfg) -> ProbeConfig:
+    """``cfg.probe`` (an OmegaConf node, a dict — missing keys from ``conf/probe/default.yaml`` — or a
+    :class:`~gravprobe.config.ProbeConfig`) as the typed, validated section; raises ``ConfigError``."""
+    return probe_cfg if isinstance(probe_cfg, ProbeConfig) else ProbeConfig.from_cfg(probe_cfg)
 
 
-def _plain(node) -> dict:
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node)
+def probe_part(part: str, node):
+    """``probe.<part>`` typed (``linear`` → :class:`~gravprobe.config.LinearProbeConfig`, ``head``,
+    ``selection`` …): ``node`` as it is when already typed, else its missing keys from
+    ``conf/probe/default.yaml``; raises ``ConfigError`` naming ``probe.<part>.<key>``."""
+    cls = typing.get_type_hints(ProbeConfig)[part]
+    if isinstance(node, cls):
+        return node
+    return getattr(ProbeConfig.from_cfg({part: to_container(node) or {}}), part)
 
 
 def sr_settings(sr_cfg, workers: int = 0) -> dict[str, Any]:
-    """``cfg.sr`` → keyword arguments of :func:`fit_equation` (``n_threads: 0`` → ``workers``)."""
-    d = _plain(sr_cfg)
-    options = dict(d.pop("options", {}) or {})
-    d.pop("name", None)
-    if "n_threads" in options and int(options["n_threads"] or 0) == 0 and workers:
-        options["n_threads"] = int(workers)
-    return {**d, **options}
+    """``cfg.sr`` → keyword arguments of :func:`fit_equation` (``n_threads: 0`` → ``workers``):
+    :meth:`gravprobe.config.SRConfig.fit_kwargs` of the typed section (kept for the benchmarks)."""
+    sr = sr_cfg if isinstance(sr_cfg, SRConfig) else SRConfig.from_cfg(sr_cfg)
+    return sr.fit_kwargs(workers)
 
 
 def recover_laws(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
@@ -253,13 +258,17 @@ def protocol_problems(cfg) -> list[str]:
     """``probe.protocol`` checked against ``force_data.labelling`` from the config alone, so that
     ``gravprobe run`` can refuse a mismatch before any training (:func:`split_force_data` checks the data
     itself at the probe stage). Returns one sentence per problem, naming the keys and the fix."""
-    protocol = str(_get(_get(cfg, "probe"), "protocol", "two_label"))
+    protocol = str(select(cfg, "probe.protocol", group_defaults("probe")["protocol"]))
     if protocol not in PROTOCOLS:
         return [f"probe.protocol={protocol!r} is not a protocol; choose one of {', '.join(PROTOCOLS)}"]
-    lab = _get(_get(cfg, "force_data"), "labelling")
-    if lab is None:
+    if select(cfg, "force_data.labelling") is None:
         return []
-    ps = _get(lab, "partial_steps", 2)
+    from gravprobe.orbits import DatasetSpec
+
+    try:  # labelling keys left out take DatasetSpec's values
+        ps = DatasetSpec.from_config(to_container(select(cfg, "force_data"))).labelling["partial_steps"]
+    except (ValueError, TypeError, KeyError):
+        return []  # a bad force_data is reported by its own check (gravprobe.config.validate_config)
     if protocol == "unlabelled" and int(ps) != 0:
         return [(f"probe.protocol=unlabelled needs held-out sequences without any label, but "
                  f"force_data.labelling.partial_steps={ps}; set force_data.labelling.partial_steps=0 "
@@ -274,22 +283,15 @@ def protocol_problems(cfg) -> list[str]:
 def requested_parts(pc) -> list[str]:
     """The parts of the probe stage that ``cfg.probe`` asks for, as they are named in
     ``results.json["probes"]["requested"]`` and ``["done"]`` (see :func:`parts_done`)."""
-    parts = []
-    if _get(_get(pc, "linear"), "enabled", _get(pc, "linear") is not None):
-        parts.append("linear")
-    if _get(_get(pc, "readouts"), "enabled", _get(pc, "readouts") is not None):
-        parts.append("readouts")
-    if _get(_get(pc, "head"), "enabled", _get(pc, "head") is not None):
-        parts.append("head")
-    orc = _get(pc, "oracle")
-    if orc is None or _get(orc, "enabled", True):
+    pc = probe_config(pc)
+    parts = [p for p in ("linear", "readouts", "head") if getattr(pc, p).enabled]
+    if pc.oracle.enabled:
         parts.append("oracle")
-        if _get(orc, "truth_control", True) and float(_get(orc, "truth_noise", 0.01)) >= 0:
+        if pc.oracle.truth_control and pc.oracle.truth_noise >= 0:
             parts.append("truth")
-    ctl = _get(pc, "controls")
-    if _get(ctl, "memoriser", True):
+    if pc.controls.memoriser:
         parts.append("memoriser")
-    if _get(ctl, "oracle_without_m1", True):
+    if pc.controls.oracle_without_m1:
         parts.append("oracle_without_m1")
     return parts
 
@@ -344,24 +346,24 @@ def run_controls(train: PlanetSteps, pool: PlanetSteps, galaxies: Sequence[np.nd
     m1 and the label memoriser. Writes ``laws_<tag>.npz`` and the equation tables of each control that ran.
     Returns ``(sections, predictions)``: the ``results.json["probes"]`` sections by name and the (true,
     predicted) |F| at the pool per control, keyed by its :func:`source_titles` name."""
-    orc = _get(pc, "oracle")
-    ctl = _get(pc, "controls")
-    k = int(_get(orc, "k", 2))
+    pc = probe_config(pc)
+    orc, ctl = pc.oracle, pc.controls
+    k = orc.k
     X = pool.sr_inputs
     jobs: list[tuple[str, dict, Any]] = []  # (section, extra fields, () -> y, or None when not applicable)
 
     def oracle(exclude=()):
         return lambda: oracle_predict(train.state, train.magnitude, pool.state, k=k, exclude=exclude)
 
-    if orc is None or _get(orc, "enabled", True):
+    if orc.enabled:
         jobs.append(("oracle", {"k": k}, oracle()))
-        noise = float(_get(orc, "truth_noise", 0.01))
-        if noise >= 0 and _get(orc, "truth_control", True):
+        noise = orc.truth_noise
+        if noise >= 0 and orc.truth_control:
             jobs.append(("truth", {"noise": noise}, lambda: noisy_truth(pool.magnitude, noise, seed)))
-    if _get(ctl, "oracle_without_m1", True):
+    if ctl.oracle_without_m1:
         feats = [f for f in FEATURES if f != "log_m_planet"]
         jobs.append(("oracle_without_m1", {"k": k, "features": feats}, oracle(("log_m_planet",))))
-    if _get(ctl, "memoriser", True):
+    if ctl.memoriser:
         extra = {"r_from": "true state", "applicable": protocol != "unlabelled"}
         jobs.append(("memoriser", extra,
                      None if protocol == "unlabelled" else (lambda: memoriser_predict(train, pool))))
@@ -439,7 +441,7 @@ def _nested(rows: list[dict], probe: str) -> dict:
 
 # -------------------------------------------------------------------------------------------- main
 def _device(cfg) -> str:
-    want = str(_get(cfg, "device", "auto"))
+    want = str(select(cfg, "device"))
     if want == "auto":
         import torch
 
@@ -452,14 +454,14 @@ def load_force_data(cfg):
     from gravprobe.orbits import config_dataset_path, ensure_dataset, load_dataset
 
     spec, path = config_dataset_path(cfg, "force_data")  # ${home}/data/<name>-<hash8>-s<seed>, or force_out=
-    path = ensure_dataset(spec, path, seed=int(cfg.seed), workers=int(_get(cfg, "workers", 0)))
+    path = ensure_dataset(spec, path, seed=int(cfg.seed), workers=int(cfg.workers))
     return load_dataset(path)
 
 
 def load_model(cfg, run_dir: Path, device: str):
     from gravprobe.pretrain import load_checkpoint
 
-    ckpt = _get(cfg, "checkpoint") or Path(run_dir) / "checkpoints" / "last.pt"
+    ckpt = select(cfg, "checkpoint") or Path(run_dir) / "checkpoints" / "last.pt"
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}: pass checkpoint=PATH (a pretrain run's "
@@ -473,10 +475,12 @@ def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: 
     """§4.1 probes of ``model`` and (``probe.linear.untrained_control``) of its untrained twin on the same
     sequences and split; writes ``probes_linear.csv`` (column ``model``: trained | untrained); returns the
     ``results.json["probes"]`` keys ``linear``, ``mlp``, ``linear_probe`` and ``untrained``
-    (docs/results_schema.md)."""
+    (docs/results_schema.md). ``lin``: ``probe.linear`` (keys left out: ``conf/probe/default.yaml``'s)."""
+    lin_cfg: LinearProbeConfig = probe_part("linear", lin)
+    lin = lin_cfg.to_dict()
     rows = run_linear_probes(model, ds, lin, layers=layers, seed=seed, device=device)
     rows_u: list[dict] = []
-    if _get(lin, "untrained_control", True):
+    if lin_cfg.untrained_control:
         rows_u = run_linear_probes(untrained_twin(model, seed, device), ds, lin, layers=layers, seed=seed, device=device)
     _write_csv([{"model": "trained", **r} for r in rows] + [{"model": "untrained", **r} for r in rows_u],
                run_dir / "probes_linear.csv")
@@ -494,27 +498,22 @@ def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: 
     return sec
 
 
-def _enabled(probe_cfg, part: str) -> bool:
-    """``probe.<part>`` is present and not ``enabled: false``."""
-    node = _get(probe_cfg, part)
-    return node is not None and bool(_get(node, "enabled", True))
-
-
 def probe_linear(model, ds, probe_cfg, run_dir: Path, *, seed: int, device: str = "cpu") -> dict:
     """§4.1, on the pretrained weights (before the head fine-tunes the trunk): :func:`linear_section`, or
     ``{"linear": {}}`` when ``probe.linear`` is disabled."""
-    if not _enabled(probe_cfg, "linear"):
+    pc = probe_config(probe_cfg)
+    if not pc.linear.enabled:
         return {"linear": {}}
-    return linear_section(model, ds, _get(probe_cfg, "linear"), _get(probe_cfg, "layers", "all"), run_dir,
-                          seed=seed, device=device)
+    return linear_section(model, ds, pc.linear, pc.layers, run_dir, seed=seed, device=device)
 
 
 def probe_readouts(model, ds, probe_cfg, *, seed: int, device: str = "cpu") -> dict:
     """Liu's last-position readouts per hook site with their untrained control, on the pretrained weights:
     ``{"readouts": ...}`` (:func:`gravprobe.probes.readouts.run_readouts`), or ``{}`` when disabled."""
-    if not _enabled(probe_cfg, "readouts"):
+    pc = probe_config(probe_cfg)
+    if not pc.readouts.enabled:
         return {}
-    return {"readouts": run_readouts(model, ds, _plain(_get(probe_cfg, "readouts")), seed=seed, device=device)}
+    return {"readouts": run_readouts(model, ds, pc.readouts.to_dict(), seed=seed, device=device)}
 
 
 @dataclass
@@ -537,11 +536,12 @@ def select_galaxies(train: PlanetSteps, held: PlanetSteps, selection_cfg, *, pro
     measures how often the nearest training state lies in the state's own sequence — over all training
     states (the oracle's first neighbour) and over the selection's reference (a seeded subsample beyond
     ``max_reference``)."""
-    max_ref = _get(selection_cfg, "max_reference", 200_000)
-    order, dist, nearest = select_nearest(train.state, held.state, int(_get(selection_cfg, "n_keep", 5000)),
+    sel: SelectionConfig = probe_part("selection", selection_cfg)
+    max_ref = sel.max_reference
+    order, dist, nearest = select_nearest(train.state, held.state, sel.n_keep,
                                           max_reference=max_ref, seed=seed, return_nearest=True)
-    seeds = [int(s) for s in _get(selection_cfg, "seeds", [0, 1, 2, 3, 4])]
-    size = min(int(_get(selection_cfg, "galaxy_size", 1000)), len(order))
+    seeds = [int(s) for s in sel.seeds]
+    size = min(sel.galaxy_size, len(order))
     galaxies = make_galaxies(len(order), size, seeds)
     pool = held.subset(order)
     subsampled = max_ref is not None and len(train) > int(max_ref)
@@ -568,7 +568,7 @@ def head_training_systems(ds, held: PlanetSteps, head_cfg, *, protocol: str, see
     label, so they are not among the drawn ones)."""
     n = ds.states.shape[0]
     heldout_systems = np.unique(held.system)
-    max_train = _get(head_cfg, "max_train_systems")
+    max_train = probe_part("head", head_cfg).max_train_systems
     if not max_train:
         return np.arange(n)
     rng = np.random.default_rng(seed)
@@ -582,10 +582,11 @@ def probe_force_head(model, ds, held: PlanetSteps, selection: GalaxySelection, h
     """§4.2: fine-tune the trunk and a new head on the labelled steps, predict |F| at every held-out step.
     Writes ``force_head_loss.csv``; returns ``(results.json["probes"]["head"], predicted |F| at the pool
     [n_pool] in M☉ AU yr⁻²)``."""
-    train_systems = head_training_systems(ds, held, head_cfg, protocol=protocol, seed=seed)
+    head: HeadConfig = probe_part("head", head_cfg)
+    train_systems = head_training_systems(ds, held, head, protocol=protocol, seed=seed)
     heldout_systems = np.unique(held.system)
     query_mask = (np.asarray(ds.bodies[heldout_systems]) >= 1) & ~np.asarray(ds.labelled[heldout_systems], bool)
-    res = finetune_force_head(model, ds, train_systems, heldout_systems, query_mask, head_cfg, seed=seed,
+    res = finetune_force_head(model, ds, train_systems, heldout_systems, query_mask, head.to_dict(), seed=seed,
                               device=device)
     if len(res.pred_magnitude) != len(held):  # pragma: no cover - ordering contract
         raise RuntimeError("force-head predictions do not line up with the held-out steps")
@@ -620,24 +621,24 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     controls, the counts rule; writes the numbers files and ``results.json["probes"]``, which it returns."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    probe_cfg = cfg.probe
-    seed = int(_get(cfg, "seed", 0))
-    protocol = str(_get(probe_cfg, "protocol", "two_label"))
+    probe_cfg = probe_config(cfg.probe)
+    seed = int(cfg.seed)
+    protocol = probe_cfg.protocol
     out: dict[str, Any] = {"protocol": protocol, "requested": requested_parts(probe_cfg), "done": []}
     train, held = split_force_data(ds, protocol)   # checks the dataset against probe.protocol before any work
 
     out.update(probe_linear(model, ds, probe_cfg, run_dir, seed=seed, device=device))
     out.update(probe_readouts(model, ds, probe_cfg, seed=seed, device=device))
-    selection = select_galaxies(train, held, _get(probe_cfg, "selection"), protocol=protocol, seed=seed)
+    selection = select_galaxies(train, held, probe_cfg.selection, protocol=protocol, seed=seed)
     out["selection"] = selection.summary
-    sr_kwargs = sr_settings(cfg.sr, int(_get(cfg, "workers", 0)))
-    verdict_kwargs = _plain(_get(probe_cfg, "verdict")) or {}
+    sr_kwargs = SRConfig.from_cfg(cfg.sr).fit_kwargs(int(cfg.workers))
+    verdict_kwargs = probe_cfg.verdict.to_dict()
     out["sr"] = dict(sr_kwargs)
 
     predictions: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     out["galaxies"] = []
-    if _enabled(probe_cfg, "head"):
-        out["head"], predicted = probe_force_head(model, ds, held, selection, _get(probe_cfg, "head"), run_dir,
+    if probe_cfg.head.enabled:
+        out["head"], predicted = probe_force_head(model, ds, held, selection, probe_cfg.head, run_dir,
                                                   protocol=protocol, seed=seed, device=device)
         predictions[source_titles()["galaxies"]] = (selection.pool.magnitude, predicted)
         out["galaxies"] = head_laws(selection, predicted, run_dir, sr_kwargs=sr_kwargs,
@@ -650,7 +651,7 @@ def run_probes(model, ds, cfg, run_dir: Path, *, device: str = "cpu") -> dict:
     controls, control_predictions = run_controls(
         train, selection.pool, selection.galaxies, selection.seeds, probe_cfg, protocol=protocol, seed=seed,
         sr_kwargs=sr_kwargs, verdict_kwargs=verdict_kwargs, run_dir=run_dir,
-        cache_dir=_get(_get(probe_cfg, "controls"), "cache_dir"))
+        cache_dir=probe_cfg.controls.cache_dir)
     out.update(controls)
     predictions.update(control_predictions)
     counts, reason = result_counts(protocol, out["galaxies"], out.get("memoriser"))
