@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from gravprobe.orbits.build import _block_params, _output_shapes, _shard_buffers, build_sequences
 from gravprobe.orbits.spec import ARRAYS, DatasetSpec
 from gravprobe.orbits.tokens import OrbitTokenizer
+
+from gravprobe.config import select  # stdlib only at import: no torch, no omegaconf
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,6 @@ def dataset_dir(spec: DatasetSpec, seed: int, root: str | os.PathLike | None = N
     return dataset_path(spec, seed, root)
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if hasattr(cfg, "get"):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
 def config_dataset_path(cfg: Any, key: str = "data") -> tuple[DatasetSpec, Path]:
     """The spec of ``cfg[key]`` (``data``: the pretraining set; ``force_data``: the probing set) and its
     folder by :func:`dataset_path`, from the config's ``seed``, ``home`` and the key's override (``out`` for
@@ -89,10 +82,14 @@ def config_dataset_path(cfg: Any, key: str = "data") -> tuple[DatasetSpec, Path]
     if key not in OUT_KEYS:
         raise ValueError(f"config_dataset_path: key={key!r} is not a dataset of the config; choose one of "
                          f"{sorted(OUT_KEYS)}")
-    spec = DatasetSpec.from_config(_cfg_get(cfg, key))
+    spec = DatasetSpec.from_config(select(cfg, key))
+    seed = select(cfg, "seed")
+    if seed is None:
+        raise ValueError("config_dataset_path: the config has no seed (conf/config.yaml sets it; compose the config "
+                         "with Hydra, or give the dict a seed)")
     from gravprobe.common import output_root
 
-    return spec, dataset_path(spec, int(_cfg_get(cfg, "seed", 0)), output_root(cfg), _cfg_get(cfg, OUT_KEYS[key]))
+    return spec, dataset_path(spec, int(seed), output_root(cfg), select(cfg, OUT_KEYS[key]))
 
 
 def repair_command(path: Path) -> str:

@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gravprobe.config import STAGES
+
 log = logging.getLogger(__name__)
 
-STAGE_SECTIONS = {"pretrain": ("pretrain",), "probe": ("probes",), "run": ("pretrain", "probes"),
-                  "variant": ("pretrain", "probes")}
+#: The ``results.json`` sections a complete stage folder holds: each stage's own
+#: (:data:`gravprobe.config.STAGES`) plus ``variant``, one variant's folder inside a ``gravprobe run`` folder.
+STAGE_SECTIONS = {**{name: s.sections for name, s in STAGES.items() if s.sections},
+                  "variant": STAGES["run"].sections}
 
 
 class ReportError(ValueError):
@@ -199,7 +203,7 @@ def load_run(path: str | Path) -> RunResult:
         if not names:
             run.missing.append("no variants named (pipeline.variants / attention.name)")
         for name in names:
-            run.variants[name] = _variant_of(path / name, name, ("pretrain", "probes"), need_checkpoint=True)
+            run.variants[name] = _variant_of(path / name, name, STAGE_SECTIONS["variant"], need_checkpoint=True)
         asked = [(v.probes or {}).get("requested") for v in run.variants.values()]
         oracle_asked = not all(isinstance(a, list) for a in asked) or any("oracle" in a for a in asked)
         if names and oracle_asked and not run.oracle:
