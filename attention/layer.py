@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dispatch import BACKENDS, attend_resolved, select_backend
@@ -29,6 +30,68 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     cos = cos[None, :, None, :].to(x.dtype)
     sin = sin[None, :, None, :].to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+#: Use :class:`_ProjectRotate` on the CPU (False: the plain projection + :func:`apply_rotary`, for A/B timing).
+FUSED_PROJECTION = True
+
+
+def _rotate_(x1: torch.Tensor, x2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """In place: ``(x1, x2) <- (x1 cos - sign x2 sin, x2 cos + sign x1 sin)`` (``sign = -1``: the inverse turn)."""
+    tmp = x2 * sin
+    x2.mul_(cos).addcmul_(x1, sin, value=sign)
+    x1.mul_(cos).sub_(tmp, alpha=sign)
+
+
+class _ProjectRotate(torch.autograd.Function):
+    """``q, k, v`` ``[B, T, H, D]`` = the fused projection ``x W^T + b`` with RoPE turned on q and k in place.
+
+    The same numbers as ``qkv(x).view(...).unbind(2)`` then :func:`apply_rotary` on q and k, with fewer passes
+    on the CPU: no ``cat``, no zero-filled slice gradients, no ``stack`` of the q/k/v gradients. The backward
+    turns the q/k gradients back (the transposed rotation) into one ``[B, T, 3C]`` buffer, then one GEMM each
+    for ``dx`` and ``dW``. q, k, v are views of one buffer (the layer only reads them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cos, sin, n_heads):
+        B, T, C = x.shape
+        D = C // n_heads
+        half = D // 2
+        y = F.linear(x, weight, bias).view(B, T, 3, n_heads, D)
+        cos, sin = cos[None, :, None, None, :].to(y.dtype), sin[None, :, None, None, :].to(y.dtype)
+        qk = y[:, :, :2]
+        _rotate_(qk[..., :half], qk[..., half:], cos, sin, 1.0)
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.has_bias = bias is not None
+        q, k, v = y.unbind(2)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        x, weight, cos, sin = ctx.saved_tensors
+        ref = next(g for g in (gq, gk, gv) if g is not None)
+        B, T, H, D = ref.shape
+        half = D // 2
+        gy = ref.new_empty(B, T, 3, H, D)
+        for i, g in enumerate((gq, gk, gv)):
+            dst = gy[:, :, i]
+            if g is None:
+                dst.zero_()
+            elif i == 2:
+                dst.copy_(g)
+            else:                                      # R^T g: (g1 c + g2 s, g2 c - g1 s)
+                g1, g2 = g[..., :half], g[..., half:]
+                c, s = cos[:, :, 0], sin[:, :, 0]
+                torch.mul(g2, s, out=dst[..., :half]).addcmul_(g1, c)
+                torch.mul(g2, c, out=dst[..., half:]).addcmul_(g1, s, value=-1.0)
+        gy = gy.view(B * T, 3 * H * D)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = (gy @ weight.to(gy.dtype)).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = (gy.t() @ x.reshape(B * T, -1).to(gy.dtype)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = gy.sum(0)
+        return dx, dw, db, None, None, None
 
 
 class RotaryEmbedding(nn.Module):
@@ -162,9 +225,15 @@ class CausalSelfAttention(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"expected x of shape [B, T, {self.d_model}], got {tuple(x.shape)}")
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k)
+        if FUSED_PROJECTION and self.rotary is not None and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") \
+                and not torch.compiler.is_compiling():
+            # one projection, RoPE in place on its q/k columns (fewer CPU passes; same numbers as below)
+            cos, sin = self.rotary.tables(T, x.device)
+            q, k, v = _ProjectRotate.apply(x, self.qkv.weight, self.qkv.bias, cos, sin, self.n_heads)
+        else:
+            q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+            if self.rotary is not None:
+                q, k = self.rotary(q, k)
         params = dict(self.params)
         for name in self.learnable:
             params[name] = getattr(self, name)

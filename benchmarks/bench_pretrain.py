@@ -9,10 +9,18 @@ Run the tests first (``pytest tests/test_pretrain_model.py tests/test_pretrain_t
         model.n_heads=1 --batch 128 --seq-len 100 --n-bins 128 --threads 1 --compare-reference \
         --variants softmax lssa lssar lssar:sharpen_power=15
 
+    # today's step vs the code of an earlier commit (model + attention package), side by side in one process:
+    python benchmarks/bench_pretrain.py --models tiny --override model.n_layers=2 model.d_model=32 \
+        model.n_heads=1 --batch 128 --seq-len 100 --n-bins 128 --threads 1 --baseline fdb5527 \
+        --variants softmax lssa lssar:sharpen_power=3 lssar
+
 A variant may carry parameters as ``name:key=value,key=value`` (e.g. ``lssar:sharpen_power=3``).
 ``--compare-reference`` adds, per variant, a runner whose ``backend="torch"`` attention runs the plain
 reference (``reference_attention``: the code before ``attention/eager.py``), so old and new are measured
-side by side in one process. ``--clock process`` (default) times process CPU seconds, which a shared
+side by side in one process. ``--baseline REV`` adds, per variant, a runner (label ``[base]``) whose model is
+``pretrain/model.py`` and the ``attention/`` package exactly as committed at git revision ``REV`` (extracted
+with ``git show`` into a temporary package and imported next to the current code), same config, seed and
+batch. ``--clock process`` (default) times process CPU seconds, which a shared
 machine disturbs far less than wall time; ``--clock wall`` times wall seconds.
 
 For each model preset (``conf/model/<name>.yaml``) and variant, one full optimiser step (forward and
@@ -28,9 +36,15 @@ as in training.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from gravprobe.attention import VARIANTS, dispatch
@@ -54,19 +68,56 @@ def preset(name: str, variant: str, n_bins: int, overrides: list[str] = ()):
     return cfg, model_config(cfg, orbit_vocab=n_bins + 3, text_vocab=0)
 
 
+_BASELINES: dict[str, Any] = {}
+
+
+def baseline_model(rev: str) -> Any:
+    """The model module (``GPT``, ``GPTConfig``) of git revision ``rev``: ``pretrain/model.py`` and ``attention/*.py`` as committed there,
+    written to a temporary directory as the package ``gp_base_<rev>_attention`` and the module
+    ``gp_base_<rev>_model`` (whose ``from gravprobe.attention import`` is pointed at that package)."""
+    if rev not in _BASELINES:
+        root = Path(__file__).resolve().parents[1]
+
+        def show(path: str) -> str:
+            return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True,
+                                  capture_output=True, text=True).stdout
+
+        files = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "attention/"], check=True,
+                               capture_output=True, text=True).stdout.split()
+        tag = "".join(c if c.isalnum() else "_" for c in rev)
+        dst = Path(tempfile.mkdtemp(prefix="gravprobe_baseline_"))
+        pkg = dst / f"gp_base_{tag}_attention"
+        pkg.mkdir()
+        for f in files:
+            if f.endswith(".py"):
+                (pkg / Path(f).name).write_text(show(f))
+        model = show("pretrain/model.py")
+        if "from gravprobe.attention import" not in model:
+            raise RuntimeError(f"{rev}:pretrain/model.py does not import gravprobe.attention as expected")
+        (dst / f"gp_base_{tag}_model.py").write_text(
+            model.replace("from gravprobe.attention import", f"from gp_base_{tag}_attention import"))
+        sys.path.insert(0, str(dst))
+        _BASELINES[rev] = importlib.import_module(f"gp_base_{tag}_model")
+    return _BASELINES[rev]
+
+
 class Runner:
     """One model + optimiser + fixed batch; ``window(seconds)`` -> tokens/s over whole optimiser steps."""
 
     def __init__(self, name: str, variant: str, *, batch: int, seq_len: int | None, n_bins: int,
                  device: torch.device, warmup: int, overrides: list[str] = (), reference: bool = False,
-                 clock=time.perf_counter) -> None:
+                 clock=time.perf_counter, baseline: str | None = None) -> None:
         cfg, mcfg = preset(name, variant, n_bins, overrides)
         self.name, self.variant, self.batch, self.device = name, variant, batch, device
-        self.label = variant + (" [ref]" if reference else "")
-        self.reference, self.clock = reference, clock
+        self.label = variant + (" [ref]" if reference else "") + (" [base]" if baseline else "")
+        self.reference, self.baseline, self.clock = reference, baseline, clock
         self.T = seq_len or mcfg.block_size
         torch.manual_seed(0)
-        self.model = GPT(mcfg).to(device)
+        if baseline:
+            base = baseline_model(baseline)
+            self.model = base.GPT(base.GPTConfig(**mcfg.to_dict())).to(device)
+        else:
+            self.model = GPT(mcfg).to(device)
         self.opt = make_optimizer(self.model, cfg.train)
         if mcfg.orbit_mode == "continuous":
             self.x = torch.randn(batch, self.T + 1, 2, device=device)
@@ -124,6 +175,8 @@ def main(argv=None) -> list[dict]:
                     "(e.g. model.n_layers=2 model.d_model=32 model.n_heads=1)")
     ap.add_argument("--compare-reference", action="store_true",
                     help="also time each variant with the old plain-reference attention (same process)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also time each variant with pretrain/model.py + attention/ as committed at git REV")
     ap.add_argument("--clock", choices=("process", "wall"), default="process",
                     help="process CPU time (default; robust on a shared machine) or wall time")
     args = ap.parse_args(argv)
@@ -139,34 +192,40 @@ def main(argv=None) -> list[dict]:
           f"{torch.get_num_threads()} threads, batch {args.batch}, V {args.n_bins}, clock {args.clock}, "
           f"overrides {args.override}")
     print(f"{'model':<8} {'variant':<28} {'T':>5} {'params':>9} {'tokens/s':>10} {'ms/step':>8} "
-          f"{'vs softmax':>10}")
+          f"{'vs softmax':>10} {'new/this':>9}")
     rows = []
     for name in args.models:
         runners = []
         for v in variants:
-            for ref in ((False, True) if args.compare_reference else (False,)):
+            kinds = [(False, None)] + ([(True, None)] if args.compare_reference else []) + \
+                ([(False, args.baseline)] if args.baseline else [])
+            for ref, base in kinds:
                 runners.append(Runner(name, v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins,
                                       device=device, warmup=args.warmup, overrides=args.override, reference=ref,
-                                      clock=clock))
+                                      clock=clock, baseline=base))
         # rounds cycle through the variants so that a load spike hits all of them; best window per variant
         best = {r.label: 0.0 for r in runners}
         for _ in range(args.rounds):
             for r in runners:
                 best[r.label] = max(best[r.label], r.window(args.seconds / args.rounds))
         for r in runners:
-            base = best["softmax [ref]" if r.reference else "softmax"]
-            row = {"model": name, "variant": r.variant, "reference": r.reference, "batch": args.batch,
+            base = best["softmax" + r.label[len(r.variant):]]
+            row = {"model": name, "variant": r.variant, "reference": r.reference, "baseline": r.baseline,
+                   "batch": args.batch,
                    "seq_len": r.T, "params": r.model.num_params(), "params_non_embedding": r.model.num_params(True),
                    "tokens_per_s": best[r.label], "ms_per_step": 1e3 * args.batch * r.T / best[r.label],
                    "ratio_vs_softmax": best[r.label] / base}
+            if r.label != r.variant:                      # new code vs this old one, same variant, same run
+                row["new_vs_this"] = best[r.variant] / best[r.label]
             rows.append(row)
+            extra = f" {row['new_vs_this']:>8.2f}x" if "new_vs_this" in row else ""
             print(f"{name:<8} {r.label:<28} {r.T:>5} {row['params']:>9,} {row['tokens_per_s']:>10,.0f} "
-                  f"{row['ms_per_step']:>8.1f} {row['ratio_vs_softmax']:>10.2f}", flush=True)
+                  f"{row['ms_per_step']:>8.1f} {row['ratio_vs_softmax']:>10.2f}{extra}", flush=True)
         del runners
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
-                       "overrides": args.override, "rows": rows}, f, indent=2)
+                       "overrides": args.override, "baseline": args.baseline, "rows": rows}, f, indent=2)
     return rows
 
 
