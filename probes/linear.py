@@ -18,7 +18,7 @@ beside the raw ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from gravprobe.orbits import G, elements_from_state
@@ -30,26 +30,52 @@ from gravprobe.common import progress
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "r", "log_r", "inv_r", "inv_r2", "a", "e", "lrl_x", "lrl_y",
-           "log_m1", "log_m2")
+#: Every probe target, declared once: name -> its value from the quantities of one state (``x``, ``y``, ``vx``,
+#: ``vy``, ``m1`` planet, ``m2`` star, ``Fx``, ``Fy``, and the derived ``r``, ``F`` = |F| and ``el``, the orbital
+#: elements). Adding a target is one entry here (plus ``conf/probe/default.yaml`` to probe it by default).
+TARGET_FUNCTIONS: dict[str, Callable[[dict], np.ndarray]] = {
+    "F_x": lambda q: q["Fx"],
+    "F_y": lambda q: q["Fy"],
+    "F_mag": lambda q: q["F"],
+    "log_F_mag": lambda q: np.log(q["F"]),
+    "r": lambda q: q["r"],
+    "log_r": lambda q: np.log(q["r"]),
+    "inv_r": lambda q: 1 / q["r"],
+    "inv_r2": lambda q: 1 / q["r"] ** 2,
+    "a": lambda q: q["el"].a,
+    "e": lambda q: q["el"].e,
+    "lrl_x": lambda q: q["el"].lrl[:, 0],
+    "lrl_y": lambda q: q["el"].lrl[:, 1],
+    "log_m1": lambda q: np.log(q["m1"]),
+    "log_m2": lambda q: np.log(q["m2"]),
+}
+TARGETS = tuple(TARGET_FUNCTIONS)
+
+
+class _Quantities(dict):
+    """The per-state quantities targets are computed from; the orbital elements only when a target asks."""
+
+    def __missing__(self, key):
+        if key != "el":
+            raise KeyError(key)
+        self["el"] = el = elements_from_state(np.column_stack([self["x"], self["y"]]),
+                                              np.column_stack([self["vx"], self["vy"]]),
+                                              G * (self["m1"] + self["m2"]))
+        return el
 
 
 def probe_targets(state: np.ndarray, force: np.ndarray, names: Sequence[str] = TARGETS) -> np.ndarray:
     """``state [M, 6]``, ``force [M, 2]`` → ``[M, len(names)]`` target matrix (see the module docstring)."""
-    unknown = [n for n in names if n not in TARGETS]
+    unknown = [n for n in names if n not in TARGET_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown probe target(s) {unknown}; valid: {list(TARGETS)}")
     state = np.asarray(state, dtype=np.float64)
     force = np.asarray(force, dtype=np.float64)
-    r = np.hypot(state[:, 0], state[:, 1])
-    fm = np.hypot(force[:, 0], force[:, 1])
-    el = elements_from_state(state[:, 0:2], state[:, 2:4], G * (state[:, 4] + state[:, 5]))
+    q = _Quantities(x=state[:, 0], y=state[:, 1], vx=state[:, 2], vy=state[:, 3], m1=state[:, 4], m2=state[:, 5],
+                    Fx=force[:, 0], Fy=force[:, 1], r=np.hypot(state[:, 0], state[:, 1]),
+                    F=np.hypot(force[:, 0], force[:, 1]))
     with np.errstate(divide="ignore", invalid="ignore"):   # a zero force/mass gives -inf: the row is dropped
-        cols = {"F_x": force[:, 0], "F_y": force[:, 1], "F_mag": fm, "log_F_mag": np.log(fm), "r": r,
-                "log_r": np.log(r), "inv_r": 1 / r, "inv_r2": 1 / r**2, "a": el.a, "e": el.e,
-                "lrl_x": el.lrl[:, 0], "lrl_y": el.lrl[:, 1], "log_m1": np.log(state[:, 4]),
-                "log_m2": np.log(state[:, 5])}
-    return np.column_stack([cols[n] for n in names])
+        return np.column_stack([np.broadcast_to(TARGET_FUNCTIONS[n](q), (len(state),)) for n in names])
 
 
 def orbit_n_bins(model, ds) -> int:
