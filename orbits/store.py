@@ -35,6 +35,16 @@ from gravprobe.orbits.build import _block_params, _output_shapes, _shard_buffers
 from gravprobe.orbits.spec import ARRAYS, DatasetSpec
 from gravprobe.orbits.tokens import OrbitTokenizer
 
+from gravprobe.common import (
+    StorageError,
+    atomic_write_json,
+    check_free_space,
+    code_version,
+    output_root,
+    sha256_file,
+    storage_error,
+)
+from gravprobe.common import progress as progress_bar  # `progress` is the writer's on/off argument
 from gravprobe.config import select  # stdlib only at import: no torch, no omegaconf
 
 log = logging.getLogger(__name__)
@@ -64,7 +74,6 @@ def dataset_path(spec: DatasetSpec, seed: int, root: str | os.PathLike | None = 
     every stage that reads a dataset (:func:`config_dataset_path` applies it to a config)."""
     if out is not None and str(out) != "":
         return Path(out).expanduser().resolve()
-    from gravprobe.common import output_root
 
     base = Path(root).expanduser().resolve() if root is not None and str(root) != "" else output_root()
     return base / "data" / f"{spec.name}-{spec.spec_hash()[:8]}-s{int(seed)}"
@@ -87,7 +96,6 @@ def config_dataset_path(cfg: Any, key: str = "data") -> tuple[DatasetSpec, Path]
     if seed is None:
         raise ValueError("config_dataset_path: the config has no seed (conf/config.yaml sets it; compose the config "
                          "with Hydra, or give the dict a seed)")
-    from gravprobe.common import output_root
 
     return spec, dataset_path(spec, int(seed), output_root(cfg), select(cfg, OUT_KEYS[key]))
 
@@ -123,7 +131,6 @@ def _write_shard(spec_dict: dict, seed: int, k: int, out: str) -> dict:
     """Worker: build shard k, write it to a temporary folder, then rename it into place atomically. The
     temporary folder is removed on any failure; a full or read-only disk raises
     :class:`gravprobe.common.StorageError` naming the shard's folder and its size."""
-    from gravprobe.common import StorageError, sha256_file, storage_error
 
     spec = DatasetSpec.from_config(spec_dict)
     start, stop = spec.shard_range(k)
@@ -164,7 +171,6 @@ def _write_shard_star(args) -> dict:
 
 def _check_shard(out: Path, rec: dict, verify: bool, names=ARRAYS) -> str | None:
     """None if shard ``rec`` on disk holds the arrays ``names`` as its manifest record says, else the reason."""
-    from gravprobe.common import sha256_file
 
     d = out / _shard_name(rec["index"])
     for name in names:
@@ -193,7 +199,6 @@ def _read_manifest(out: Path) -> dict | None:
 
 
 def _new_manifest(spec: DatasetSpec, seed: int) -> dict:
-    from gravprobe.common import code_version
 
     return {"format": FORMAT, "spec": spec.to_dict(), "spec_hash": spec.spec_hash(), "seed": int(seed),
             "code_version": code_version(), "n_systems": spec.n_systems, "seq_len": spec.seq_len,
@@ -281,7 +286,6 @@ class _FolderLock:
         except ImportError:  # pragma: no cover - not POSIX: no lock, as before
             log.warning("no fcntl on this platform: %s is written without a lock", self.out)
             return self
-        from gravprobe.common import storage_error
 
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
@@ -343,7 +347,6 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
     bytes needed, keeping every finished shard and leaving no temporary file. ``workers``: processes
     (0 = all cores); the bytes do not depend on it.
     """
-    from gravprobe.common import code_version, storage_error
 
     out = Path(out).expanduser().resolve()
     man = _read_manifest(out)
@@ -364,7 +367,6 @@ def ensure_dataset(spec: DatasetSpec, out: str | os.PathLike, *, seed: int, work
 def _ensure_locked(spec: DatasetSpec, out: Path, seed: int, workers: int, verify: bool, progress: bool) -> Path:
     """:func:`ensure_dataset` once this process holds the folder's lock (the state is read afresh: another
     writer may have finished or changed it while this one waited)."""
-    from gravprobe.common import atomic_write_json, check_free_space, code_version
 
     man = _read_manifest(out)
     if man is None:
@@ -405,7 +407,6 @@ def _ensure_locked(spec: DatasetSpec, out: Path, seed: int, workers: int, verify
     nproc = min(len(todo), workers if workers and workers > 0 else (os.cpu_count() or 1)) or 1
     log.info("generating %s: %d of %d shards to write (%d systems, seq_len %d) with %d process(es) -> %s",
              spec.name, len(todo), spec.n_shards, spec.n_systems, spec.seq_len, nproc, out)
-    from gravprobe.common import progress as progress_bar
 
     bar = progress_bar(total=len(todo), desc=f"generate {spec.name}", unit="shard", disable=not progress)
     spec_dict = spec.to_dict()
