@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from gravprobe.probes.linear import model_inputs
+from gravprobe.probes.linear import model_inputs, probe_part
 
 from gravprobe.common import progress
+from gravprobe.config import HeadConfig
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +66,15 @@ def build_head(model, protocol: str, *, seed: int | None = None):
 
 
 def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.ndarray, query_mask: np.ndarray,
-                        cfg, *, seed: int = 0, device: str = "cpu") -> HeadResult:
+                        cfg: HeadConfig | Mapping | None = None, *, seed: int = 0, device: str = "cpu"
+                        ) -> HeadResult:
     """Fine-tune trunk + head on the labelled planet steps of ``train_systems`` and predict at
-    ``query_mask [len(query_systems), T]`` (e.g. the held-out steps). ``cfg`` is the ``probe.head`` node:
+    ``query_mask [len(query_systems), T]`` (e.g. the held-out steps). ``cfg`` is ``probe.head`` (a
+    :class:`~gravprobe.config.HeadConfig`, or a partial mapping filled from ``conf/probe/default.yaml``):
     ``protocol, lr, steps, batch_size, weight_decay, warmup, grad_clip, betas, freeze_trunk``."""
+    cfg = probe_part("head", cfg)
     torch = _torch()
-    protocol = str(cfg.get("protocol", "magnitude"))
+    protocol = cfg.protocol
     # every random draw of the fine-tuning follows from ``seed``, seeded before anything is drawn: the head's
     # weights (private generator), the batch order (private generator) and the global RNG that dropout and
     # context noise use -- so the same checkpoint and config give the same predictions in any process
@@ -91,15 +96,14 @@ def finetune_force_head(model, ds, train_systems: np.ndarray, query_systems: np.
     else:
         scale = float(np.median(mag)) or 1.0
 
-    params = list(head.parameters()) + ([] if cfg.get("freeze_trunk", False) else list(model.parameters()))
-    betas = tuple(cfg.get("betas", (0.9, 0.95)))
-    opt = torch.optim.AdamW(params, lr=float(cfg.get("lr", 6e-4)), weight_decay=float(cfg.get("weight_decay", 0.1)),
-                            betas=betas)
-    steps = int(cfg.get("steps", 10_000))
-    warmup = int(cfg.get("warmup", min(200, steps // 10)))
-    lr0 = float(cfg.get("lr", 6e-4))
-    bs = int(cfg.get("batch_size", 16))
-    clip = float(cfg.get("grad_clip", 1.0))
+    params = list(head.parameters()) + ([] if cfg.freeze_trunk else list(model.parameters()))
+    betas = tuple(cfg.betas)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
+    steps = cfg.steps
+    warmup = cfg.warmup
+    lr0 = cfg.lr
+    bs = cfg.batch_size
+    clip = cfg.grad_clip
 
     def lr_at(i: int) -> float:  # linear warm-up, cosine decay to 10 %
         if i < warmup:

@@ -5,9 +5,13 @@ activation ``[C]`` at each planet step is regressed on physical targets of that 
 measured on *held-out systems* (a split by sequence, so a probe cannot memorise an orbit).
 
 Ridge penalty: one per target, chosen by cross-validation *grouped by sequence* (``GroupKFold``: no orbit in
-two folds) on the training sequences, over a log-spaced grid (default 1e-4 … 1e8); a choice at the grid's
-edge is flagged and logged. A held-out R² below ``decodable_min_r2`` (default 0.05; every negative R²) is
-reported as *not decodable* — the number is kept beside the flag.
+two folds) on the training sequences, over a log-spaced grid (``probe.linear.ridge_alphas``); a choice at the
+grid's edge is flagged and logged. A held-out R² below ``decodable_min_r2`` (every negative R²) is reported as
+*not decodable* — the number is kept beside the flag.
+
+Settings are the typed ``probe.linear`` section (:class:`gravprobe.config.LinearProbeConfig`); a partial
+mapping (a notebook's dict) has its missing keys filled from ``conf/probe/default.yaml`` by
+:func:`probe_part`, the one place their defaults are written.
 
 Targets (units): ``F_x, F_y`` and ``F_mag`` (M☉ AU yr⁻²), ``log_F_mag`` (ln |F|), ``r`` (AU), ``log_r``
 (ln r), ``inv_r`` (AU⁻¹), ``inv_r2`` (AU⁻²), ``a`` (AU), ``e``, ``lrl_x, lrl_y`` (Laplace–Runge–Lenz
@@ -18,7 +22,9 @@ beside the raw ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from gravprobe.orbits import G, elements_from_state
@@ -27,8 +33,40 @@ from sklearn.neural_network import MLPRegressor
 from sklearn.preprocessing import StandardScaler
 
 from gravprobe.common import progress
+from gravprobe.config import LinearProbeConfig, MLPProbeConfig, ProbeConfig, group_defaults, to_container
 
 log = logging.getLogger(__name__)
+
+
+def probe_part(part: str, node: Any = None):
+    """``probe.<part>`` typed: ``linear`` → :class:`~gravprobe.config.LinearProbeConfig`, ``readouts``,
+    ``head``, ``selection`` …, or a nested part (``linear.mlp``, ``readouts.attention``). ``node`` is returned
+    as it is when already typed; otherwise (a mapping, an OmegaConf node, ``None``) its missing keys are
+    filled from ``conf/probe/default.yaml`` (:meth:`ProbeConfig.from_cfg <gravprobe.config.Schema.from_cfg>`)
+    and it is validated; raises ``ConfigError`` (a ``ValueError``) naming ``probe.<part>.<key>``."""
+    names = part.split(".")
+    cls: Any = ProbeConfig
+    for name in names:
+        cls = typing.get_type_hints(cls)[name]
+    if isinstance(cls, type) and isinstance(node, cls):
+        return node
+    tree = to_container(node)
+    for name in reversed(names):
+        tree = {name: {} if tree is None else tree}
+    obj = ProbeConfig.from_cfg(tree)
+    for name in names:
+        obj = getattr(obj, name)
+    return obj
+
+
+def __getattr__(name: str):
+    """``DEFAULT_ALPHAS`` (the grid of ``probe.linear.ridge_alphas``) and ``DECODABLE_MIN_R2``, read from
+    ``conf/probe/default.yaml`` when first asked for (they are not written here)."""
+    if name == "DEFAULT_ALPHAS":
+        return tuple(float(a) for a in ridge_alpha_grid(None))
+    if name == "DECODABLE_MIN_R2":
+        return probe_part("linear").decodable_min_r2
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Every probe target, declared once: name -> its value from the quantities of one state (``x``, ``y``, ``vx``,
 #: ``vy``, ``m1`` planet, ``m2`` star, ``Fx``, ``Fy``, and the derived ``r``, ``F`` = |F| and ``el``, the orbital
@@ -117,11 +155,15 @@ def context_limit(model) -> int | None:
 
 
 def capture_activations(model, ds, systems: np.ndarray, steps_mask: np.ndarray, *, layers: Sequence[int] | None = None,
-                        batch_size: int = 8, device: str = "cpu") -> dict[int, np.ndarray]:
+                        batch_size: int | None = None, device: str = "cpu") -> dict[int, np.ndarray]:
     """Hidden states at selected steps. ``steps_mask [len(systems), T]`` bool picks the steps (e.g. planet
     steps); returns ``{layer: [M, C] float32}`` in row-major order of ``(system, step)`` over the mask. Each
-    batch's input stops after its last selected step (exact for a causal model)."""
+    batch's input stops after its last selected step (exact for a causal model). ``batch_size`` ``None``:
+    ``probe.linear.batch_size`` of ``conf/probe/default.yaml``."""
     import torch
+
+    if batch_size is None:
+        batch_size = probe_part("linear").batch_size
 
     n_all = model.n_layers + 1
     layers = list(range(n_all)) if layers is None else [int(l) for l in layers]
@@ -153,28 +195,30 @@ def r2_scores(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ ridge
-DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 8, 25))
-DECODABLE_MIN_R2 = 0.05
-
-
-def ridge_alpha_grid(spec=None) -> np.ndarray:
-    """The ridge penalty grid from ``probe.linear.ridge_alphas``: a list of penalties, or a mapping
-    ``{min, max, num}`` (log-spaced, inclusive). ``None`` → :data:`DEFAULT_ALPHAS` (1e-4 … 1e8, 25 values).
-    Penalties are in units of the standardised activations (sum of squares over training rows)."""
-    if spec is None:
-        return np.asarray(DEFAULT_ALPHAS)
-    if hasattr(spec, "keys"):
-        unknown = sorted(set(spec.keys()) - {"min", "max", "num"})
+def ridge_alpha_grid(spec=None, *, part: str = "linear") -> np.ndarray:
+    """The ridge penalty grid from ``probe.<part>.ridge_alphas`` (the schema's ``RidgeAlphas``): a list of
+    penalties, or a mapping ``{min, max, num}`` (log-spaced, inclusive). ``None`` → the YAML's grid
+    (``conf/probe/default.yaml``); a partial mapping has its missing keys from there. Penalties are in
+    units of the standardised activations (sum of squares over training rows)."""
+    key = f"probe.{part}.ridge_alphas"
+    default = group_defaults("probe")[part]["ridge_alphas"]
+    spec = to_container(default if spec is None else spec)
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"min", "max", "num"})
         if unknown:
-            raise ValueError(f"probe.linear.ridge_alphas has unknown key(s) {unknown}; use {{min, max, num}} "
-                             "or a list of penalties")
-        lo, hi, num = float(spec.get("min", 1e-4)), float(spec.get("max", 1e8)), int(spec.get("num", 25))
+            raise ValueError(f"{key} has unknown key(s) {unknown}; use {{min, max, num}} or a list of penalties")
+        if isinstance(default, Mapping):
+            spec = {**default, **spec}
+        missing = sorted({"min", "max", "num"} - set(spec))
+        if missing:
+            raise ValueError(f"{key}={dict(spec)} misses {missing}; use {{min, max, num}} or a list of penalties")
+        lo, hi, num = float(spec["min"]), float(spec["max"]), int(spec["num"])
         if not 0 < lo < hi or num < 2:
-            raise ValueError(f"probe.linear.ridge_alphas={dict(spec)} needs 0 < min < max and num >= 2")
+            raise ValueError(f"{key}={dict(spec)} needs 0 < min < max and num >= 2")
         return np.logspace(np.log10(lo), np.log10(hi), num)
     grid = np.sort(np.asarray(list(spec), dtype=np.float64))
     if grid.size < 2 or not (grid > 0).all():
-        raise ValueError(f"probe.linear.ridge_alphas={list(spec)} must hold at least two positive penalties")
+        raise ValueError(f"{key}={list(spec)} must hold at least two positive penalties")
     return grid
 
 
@@ -190,7 +234,7 @@ def _ridge_path(Xtr: np.ndarray, Ytr: np.ndarray, Xte: np.ndarray, alphas: np.nd
     return np.stack([P @ (B / (lam + a)[:, None]) for a in alphas]) + my
 
 
-def grouped_cv_alphas(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: np.ndarray, n_splits: int = 5
+def grouped_cv_alphas(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: np.ndarray, n_splits: int
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Choose one ridge penalty per target by ``GroupKFold`` cross-validation (a group = one sequence, so no
     orbit is in two folds). ``X [M, C]``, ``Y [M, K]``, ``groups [M]``. Returns ``(index into alphas [K],
@@ -209,8 +253,10 @@ def grouped_cv_alphas(X: np.ndarray, Y: np.ndarray, groups: np.ndarray, alphas: 
 
 
 def ridge_probe(X: np.ndarray, Y: np.ndarray, is_train: np.ndarray, groups: np.ndarray, *,
-                alphas=None, n_splits: int = 5) -> dict[str, np.ndarray]:
+                alphas=None, n_splits: int | None = None) -> dict[str, np.ndarray]:
     """One ridge probe per target column, penalty by grouped CV on the training rows, scored on the rest.
+    ``alphas``: a grid array or a ``ridge_alphas`` spec (:func:`ridge_alpha_grid`); ``alphas`` / ``n_splits``
+    ``None``: ``probe.linear.ridge_alphas`` / ``cv_folds`` of ``conf/probe/default.yaml``.
 
     ``X [M, C]`` and ``Y [M, K]`` (already standardised or not: both are standardised here on the training
     rows), ``is_train [M]`` bool, ``groups [M]`` sequence ids. Returns ``r2 [K]`` (held-out R²),
@@ -218,6 +264,8 @@ def ridge_probe(X: np.ndarray, Y: np.ndarray, is_train: np.ndarray, groups: np.n
     last value, else ``""``) and ``pred [M_te, K]`` (held-out predictions in the units of ``Y``).
     """
     alphas = ridge_alpha_grid(alphas) if not isinstance(alphas, np.ndarray) else alphas
+    if n_splits is None:
+        n_splits = probe_part("linear").cv_folds
     is_train = np.asarray(is_train, dtype=bool)
     if is_train.all() or not is_train.any():
         raise ValueError("probes need both training and held-out rows (check probe.linear.heldout_fraction)")
@@ -262,8 +310,9 @@ def _log_edges(rows: list[dict], what: str) -> None:
 
 
 def fit_probes(acts: dict, targets: np.ndarray, is_train: np.ndarray, names: Sequence[str], *,
-               groups: np.ndarray | None = None, alphas=None, cv_folds: int = 5, mlp: dict | None = None,
-               decodable_min_r2: float = DECODABLE_MIN_R2, seed: int = 0) -> list[dict]:
+               groups: np.ndarray | None = None, alphas=None, cv_folds: int | None = None,
+               mlp: MLPProbeConfig | Mapping | None = None, decodable_min_r2: float | None = None,
+               seed: int = 0) -> list[dict]:
     """Ridge (penalty per target by grouped CV) and optionally an MLP probe per layer.
 
     ``acts {layer: [M, C]}``, ``targets [M, K]``, ``is_train [M]`` bool (the rest is held out),
@@ -272,7 +321,15 @@ def fit_probes(acts: dict, targets: np.ndarray, is_train: np.ndarray, names: Seq
     ``{probe, layer, target, r2, decodable, alpha, alpha_edge}`` where ``decodable = r2 >= decodable_min_r2``
     (held-out R² below it — in particular any negative R² — means "not decodable"); ``alpha``/``alpha_edge``
     are ``None``/``""`` for the MLP.
+
+    ``alphas``, ``cv_folds`` and ``decodable_min_r2`` left ``None`` are ``probe.linear``'s in
+    ``conf/probe/default.yaml``; ``mlp`` (``probe.linear.mlp``, a partial mapping filled from there) adds
+    the MLP probe when enabled, ``None`` = ridge only.
     """
+    defaults = probe_part("linear") if cv_folds is None or decodable_min_r2 is None else None
+    cv_folds = defaults.cv_folds if cv_folds is None else cv_folds
+    decodable_min_r2 = defaults.decodable_min_r2 if decodable_min_r2 is None else decodable_min_r2
+    mlp = None if mlp is None else probe_part("linear.mlp", mlp)
     is_train = np.asarray(is_train, dtype=bool)
     if is_train.all() or not is_train.any():
         raise ValueError("probes need both training and held-out rows (check probe.linear.heldout_fraction)")
@@ -293,10 +350,10 @@ def fit_probes(acts: dict, targets: np.ndarray, is_train: np.ndarray, names: Seq
         res = ridge_probe(A, targets[ok], tr[ok], groups[ok], alphas=grid, n_splits=cv_folds)
         rows += [row("ridge", layer, n, r2, a, e) for n, r2, a, e in zip(names, res["r2"], res["alpha"],
                                                                          res["alpha_edge"])]
-        if mlp and mlp.get("enabled", True):
+        if mlp is not None and mlp.enabled:
             xsc, ysc = StandardScaler().fit(A[tr[ok]]), StandardScaler().fit(targets[tr])
             Xs, Y = xsc.transform(A), ysc.transform(targets[ok])
-            net = MLPRegressor(hidden_layer_sizes=(int(mlp.get("hidden", 64)),), max_iter=int(mlp.get("max_iter", 200)),
+            net = MLPRegressor(hidden_layer_sizes=(mlp.hidden,), max_iter=mlp.max_iter,
                                early_stopping=True, random_state=seed).fit(Xs[tr[ok]], Y[tr[ok]])
             rows += [row("mlp", layer, n, r2) for n, r2 in zip(names, r2_scores(Y[te[ok]], net.predict(Xs[te[ok]])))]
     return rows
@@ -332,8 +389,10 @@ def split_systems(n_total: int, n: int, heldout_fraction: float, rng: np.random.
     return systems, set(rng.choice(systems, n_held, replace=False).tolist())
 
 
-def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: str = "cpu") -> list[dict]:
-    """§4.1 end to end on ``ds`` (an orbit dataset with states and forces) with the ``probe.linear`` node.
+def run_linear_probes(model, ds, cfg: LinearProbeConfig | Mapping | None = None, *, layers="all", seed: int = 0,
+                      device: str = "cpu") -> list[dict]:
+    """§4.1 end to end on ``ds`` (an orbit dataset with states and forces) with ``probe.linear`` (a
+    :class:`~gravprobe.config.LinearProbeConfig`, or a partial mapping filled from ``conf/probe/default.yaml``).
 
     Draws ``n_systems`` sequences with ``numpy.random.default_rng(seed)``, splits them by sequence into
     train/held-out (``heldout_fraction``), keeps at most ``max_steps_per_system`` planet steps per sequence
@@ -341,37 +400,38 @@ def run_linear_probes(model, ds, cfg, *, layers="all", seed: int = 0, device: st
     sequence on the training sequences, and returns the rows of :func:`fit_probes`. The same seed gives the
     same sequences and split for any model (the untrained control relies on it).
     """
-    names = list(cfg.get("targets", TARGETS))
-    n = min(int(cfg.get("n_systems", 400)), ds.states.shape[0])
+    cfg = probe_part("linear", cfg)
+    names = list(cfg.targets)
+    n = min(cfg.n_systems, ds.states.shape[0])
     rng = np.random.default_rng(seed)
-    systems, held_sys = split_systems(ds.states.shape[0], n, float(cfg.get("heldout_fraction", 0.2)), rng)
+    systems, held_sys = split_systems(ds.states.shape[0], n, cfg.heldout_fraction, rng)
     limit = context_limit(model)
-    mask = probe_rows_of(ds, systems, cfg.get("max_steps_per_system"), limit=limit)
+    mask = probe_rows_of(ds, systems, cfg.max_steps_per_system, limit=limit)
     layers = None if layers in (None, "all") else [int(l) for l in layers]
-    acts = capture_activations(model, ds, systems, mask, layers=layers, batch_size=int(cfg.get("batch_size", 8)),
-                               device=device)
+    acts = capture_activations(model, ds, systems, mask, layers=layers, batch_size=cfg.batch_size, device=device)
     si, ti = np.nonzero(mask)
     states = np.asarray(ds.states[systems], dtype=np.float64)[si, ti]
     forces = np.asarray(ds.forces[systems], dtype=np.float64)[si, ti]
     targets = probe_targets(states, forces, names)
     is_train = np.array([s not in held_sys for s in systems[si]])
     targets, names, _ = drop_constant_targets(targets, names, is_train, "linear probes")
-    mlp = dict(cfg.get("mlp", {}) or {})
-    rows = fit_probes(acts, targets, is_train, names, groups=systems[si], alphas=cfg.get("ridge_alphas"),
-                      cv_folds=int(cfg.get("cv_folds", 5)), mlp=mlp, seed=seed,
-                      decodable_min_r2=float(cfg.get("decodable_min_r2", DECODABLE_MIN_R2)))
+    rows = fit_probes(acts, targets, is_train, names, groups=systems[si], alphas=ridge_alpha_grid(cfg.ridge_alphas),
+                      cv_folds=cfg.cv_folds, mlp=cfg.mlp, seed=seed, decodable_min_r2=cfg.decodable_min_r2)
     _log_edges([r for r in rows if r["probe"] == "ridge"], "linear probes")
     log.info("linear probes: %d layers x %d targets on %d steps (%d held out)", len(acts), len(names), len(si),
              int((~is_train).sum()))
     return rows
 
 
-def linear_report(rows: list[dict], untrained_rows: list[dict] | None, cfg) -> dict:
+def linear_report(rows: list[dict], untrained_rows: list[dict] | None,
+                  cfg: LinearProbeConfig | Mapping | None = None) -> dict:
     """The extra information of the ridge probes for ``results.json["probes"]["linear_probe"]`` (the R²
     table itself stays in ``probes.linear``): the grid, folds and thresholds, and per target and layer the
-    penalty, the edge flag, decodability and the untrained control; per target the best layer."""
-    grid = ridge_alpha_grid(cfg.get("ridge_alphas"))
-    margin = float(cfg.get("untrained_margin", 0.05))
+    penalty, the edge flag, decodability and the untrained control; per target the best layer. ``cfg``:
+    ``probe.linear`` as for :func:`run_linear_probes`."""
+    cfg = probe_part("linear", cfg)
+    grid = ridge_alpha_grid(cfg.ridge_alphas)
+    margin = cfg.untrained_margin
     ridge = [r for r in rows if r["probe"] == "ridge"]
     u_by = {(r["target"], r["layer"]): r["r2"] for r in (untrained_rows or []) if r["probe"] == "ridge"}
     targets: dict = {}
@@ -387,9 +447,9 @@ def linear_report(rows: list[dict], untrained_rows: list[dict] | None, cfg) -> d
         d.update(best_layer=best, r2=b["r2"], decodable=b["decodable"],
                  untrained_best_r2=max(ub) if ub else None,
                  beats_untrained=None if not ub else bool(b["r2"] > max(ub) + margin))
-    return {"alphas": [float(a) for a in grid], "cv": "GroupKFold by sequence", "cv_folds": int(cfg.get("cv_folds", 5)),
-            "decodable_min_r2": float(cfg.get("decodable_min_r2", DECODABLE_MIN_R2)), "untrained_margin": margin,
+    return {"alphas": [float(a) for a in grid], "cv": "GroupKFold by sequence", "cv_folds": cfg.cv_folds,
+            "decodable_min_r2": cfg.decodable_min_r2, "untrained_margin": margin,
             "alpha_at_edge": sorted(f"{r['target']}@{r['layer']}:{r['alpha_edge']}" for r in ridge if r["alpha_edge"]),
             "not_decodable": sorted(t for t, d in targets.items() if not d["decodable"]),
-            "constant_targets": [t for t in cfg.get("targets", TARGETS) if t not in targets],
+            "constant_targets": [t for t in cfg.targets if t not in targets],
             "targets": targets}

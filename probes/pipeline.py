@@ -43,7 +43,6 @@ import io
 import json
 import logging
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -69,7 +68,7 @@ from gravprobe.probes.data import (
     split_force_data,
 )
 from gravprobe.probes.force_head import finetune_force_head
-from gravprobe.probes.linear import linear_report, run_linear_probes
+from gravprobe.probes.linear import linear_report, probe_part, run_linear_probes
 from gravprobe.probes.readouts import run_readouts, untrained_twin
 from gravprobe.probes.symbolic import EquationTable, SRResult, evaluate, fit_equation
 from gravprobe.probes.verdict import compare_to_newton
@@ -93,16 +92,6 @@ def probe_config(probe_cfg) -> ProbeConfig:
     """``cfg.probe`` (an OmegaConf node, a dict — missing keys from ``conf/probe/default.yaml`` — or a
     :class:`~gravprobe.config.ProbeConfig`) as the typed, validated section; raises ``ConfigError``."""
     return probe_cfg if isinstance(probe_cfg, ProbeConfig) else ProbeConfig.from_cfg(probe_cfg)
-
-
-def probe_part(part: str, node):
-    """``probe.<part>`` typed (``linear`` → :class:`~gravprobe.config.LinearProbeConfig`, ``head``,
-    ``selection`` …): ``node`` as it is when already typed, else its missing keys from
-    ``conf/probe/default.yaml``; raises ``ConfigError`` naming ``probe.<part>.<key>``."""
-    cls = typing.get_type_hints(ProbeConfig)[part]
-    if isinstance(node, cls):
-        return node
-    return getattr(ProbeConfig.from_cfg({part: to_container(node) or {}}), part)
 
 
 def sr_settings(sr_cfg, workers: int = 0) -> dict[str, Any]:
@@ -477,14 +466,14 @@ def linear_section(model, ds, lin, layers, run_dir: Path, *, seed: int, device: 
     ``results.json["probes"]`` keys ``linear``, ``mlp``, ``linear_probe`` and ``untrained``
     (docs/results_schema.md). ``lin``: ``probe.linear`` (keys left out: ``conf/probe/default.yaml``'s)."""
     lin_cfg: LinearProbeConfig = probe_part("linear", lin)
-    lin = lin_cfg.to_dict()
-    rows = run_linear_probes(model, ds, lin, layers=layers, seed=seed, device=device)
+    rows = run_linear_probes(model, ds, lin_cfg, layers=layers, seed=seed, device=device)
     rows_u: list[dict] = []
     if lin_cfg.untrained_control:
-        rows_u = run_linear_probes(untrained_twin(model, seed, device), ds, lin, layers=layers, seed=seed, device=device)
+        rows_u = run_linear_probes(untrained_twin(model, seed, device), ds, lin_cfg, layers=layers, seed=seed,
+                                   device=device)
     _write_csv([{"model": "trained", **r} for r in rows] + [{"model": "untrained", **r} for r in rows_u],
                run_dir / "probes_linear.csv")
-    sec: dict[str, Any] = {"linear": _nested(rows, "ridge"), "linear_probe": linear_report(rows, rows_u, lin)}
+    sec: dict[str, Any] = {"linear": _nested(rows, "ridge"), "linear_probe": linear_report(rows, rows_u, lin_cfg)}
     if any(r["probe"] == "mlp" for r in rows):
         sec["mlp"] = _nested(rows, "mlp")
     if rows_u:
@@ -513,7 +502,7 @@ def probe_readouts(model, ds, probe_cfg, *, seed: int, device: str = "cpu") -> d
     pc = probe_config(probe_cfg)
     if not pc.readouts.enabled:
         return {}
-    return {"readouts": run_readouts(model, ds, pc.readouts.to_dict(), seed=seed, device=device)}
+    return {"readouts": run_readouts(model, ds, pc.readouts, seed=seed, device=device)}
 
 
 @dataclass
@@ -586,7 +575,7 @@ def probe_force_head(model, ds, held: PlanetSteps, selection: GalaxySelection, h
     train_systems = head_training_systems(ds, held, head, protocol=protocol, seed=seed)
     heldout_systems = np.unique(held.system)
     query_mask = (np.asarray(ds.bodies[heldout_systems]) >= 1) & ~np.asarray(ds.labelled[heldout_systems], bool)
-    res = finetune_force_head(model, ds, train_systems, heldout_systems, query_mask, head.to_dict(), seed=seed,
+    res = finetune_force_head(model, ds, train_systems, heldout_systems, query_mask, head, seed=seed,
                               device=device)
     if len(res.pred_magnitude) != len(held):  # pragma: no cover - ordering contract
         raise RuntimeError("force-head predictions do not line up with the held-out steps")

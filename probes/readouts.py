@@ -21,7 +21,7 @@ R² is measured on the held-out sequences.
 **Untrained control.** The same probes on the same architecture at random initialisation
 (``GPT(model.cfg)`` built after ``torch.manual_seed(seed)``, without touching the caller's RNG state) on the
 same sequences and split. A trained number *beats* its control when it exceeds the control's best (over
-sites) by more than ``untrained_margin`` (default 0.05 R²). An in-sample probe on 1,000 rows gave |F|
+sites) by more than ``untrained_margin`` (R², ``probe.readouts.untrained_margin``). An in-sample probe on 1,000 rows gave |F|
 R² 0.89 on an untrained network (issue 14); held-out scoring and the control keep that floor visible.
 
 **Attention mass on the last W keys.** Per block and head, for queries ``i`` (0-based) at planet or star
@@ -29,31 +29,44 @@ steps with ``i ≥ max(W)`` (so every window is a strict part of the visible key
 ``Σ_{j=i-W+1..i} a_ij / Σ_{j≤i} a_ij`` averaged over queries and sequences, with the same average for a
 uniform causal row (``W / (i + 1)``) as the reference: a model whose mass on the last few keys is far above
 uniform acts as a soft window.
+
+**Settings** are the typed ``probe.readouts`` section (:class:`gravprobe.config.ReadoutsConfig`); a partial
+mapping has its missing keys filled from ``conf/probe/default.yaml`` (:func:`gravprobe.probes.linear.probe_part`).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from gravprobe.probes.linear import (
-    DECODABLE_MIN_R2,
     TARGETS,
     context_limit,
     drop_constant_targets,
     model_inputs,
+    probe_part,
     probe_targets,
     ridge_alpha_grid,
     ridge_probe,
     split_systems,
 )
 
+from gravprobe.config import ReadoutsConfig
+
 log = logging.getLogger(__name__)
 
 NEWTON_TARGETS = ("F_x", "F_y", "F_mag")
 KEPLER_TARGETS = ("a", "e", "lrl_x", "lrl_y")
-DEFAULT_TARGETS = ("F_x", "F_y", "F_mag", "log_F_mag", "a", "e", "lrl_x", "lrl_y", "log_m1", "log_m2")
-DEFAULT_WINDOWS = (1, 2, 5, 10)
+
+
+def __getattr__(name: str):
+    """``DEFAULT_TARGETS`` / ``DEFAULT_WINDOWS``: ``probe.readouts.targets`` / ``.attention.windows`` of
+    ``conf/probe/default.yaml``, read when first asked for (they are not written here)."""
+    if name == "DEFAULT_TARGETS":
+        return tuple(probe_part("readouts").targets)
+    if name == "DEFAULT_WINDOWS":
+        return tuple(probe_part("readouts.attention").windows)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def site_names(n_layers: int) -> list[str]:
@@ -82,11 +95,15 @@ def untrained_twin(model, seed: int, device: str = "cpu"):
     return twin.to(device).eval()
 
 
-def capture_sites(model, ds, systems: np.ndarray, steps: np.ndarray, *, batch_size: int = 64,
+def capture_sites(model, ds, systems: np.ndarray, steps: np.ndarray, *, batch_size: int | None = None,
                   device: str = "cpu") -> dict[str, np.ndarray]:
     """Activations ``{site: [len(systems), C] float32}`` at step ``steps[k]`` of sequence ``systems[k]``, at
-    every hook site of :func:`site_names` (forward hooks on each block, its ``attn`` and its ``mlp``)."""
+    every hook site of :func:`site_names` (forward hooks on each block, its ``attn`` and its ``mlp``).
+    ``batch_size`` ``None``: ``probe.readouts.batch_size`` of ``conf/probe/default.yaml``."""
     import torch
+
+    if batch_size is None:
+        batch_size = probe_part("readouts").batch_size
 
     systems, steps = np.asarray(systems), np.asarray(steps)
     if (steps < 0).any():
@@ -125,9 +142,10 @@ def capture_sites(model, ds, systems: np.ndarray, steps: np.ndarray, *, batch_si
     return {n: np.concatenate(v) if v else np.zeros((0, model.d_model), np.float32) for n, v in out.items()}
 
 
-def attention_mass(model, ds, systems: np.ndarray, windows: Sequence[int] = DEFAULT_WINDOWS, *,
+def attention_mass(model, ds, systems: np.ndarray, windows: Sequence[int] | None = None, *,
                    batch_size: int = 16, device: str = "cpu") -> dict:
-    """Share of each query's attention on its last ``W`` keys, per block and head (module docstring).
+    """Share of each query's attention on its last ``W`` keys, per block and head (module docstring);
+    ``windows`` ``None``: ``probe.readouts.attention.windows`` of ``conf/probe/default.yaml``.
 
     Uses ``CausalSelfAttention.attention_weights(x) -> [B, H, T, T]`` with ``x`` the layer's input (captured
     by a forward pre-hook on ``block.attn``). Returns ``{"windows": [W…], "n_queries": int,
@@ -140,7 +158,7 @@ def attention_mass(model, ds, systems: np.ndarray, windows: Sequence[int] = DEFA
     limit = context_limit(model)
     bodies = np.asarray(ds.bodies[systems])[:, :limit]       # a learned-position model reads its context only
     T = bodies.shape[1]
-    windows = sorted({int(w) for w in windows})
+    windows = sorted({int(w) for w in (probe_part("readouts.attention").windows if windows is None else windows)})
     if any(w < 1 for w in windows):
         raise ValueError(f"probe.readouts.attention.windows={windows} must be positive key counts")
     dropped = [w for w in windows if w >= T]
@@ -235,8 +253,10 @@ def _probe_sites(acts: dict[str, np.ndarray], Y: np.ndarray, names: Sequence[str
             "newton": _scores(r2, NEWTON_TARGETS), "kepler": _scores(r2, KEPLER_TARGETS)}
 
 
-def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
-    """Liu's readouts (module docstring) on ``ds`` with the ``probe.readouts`` node:
+def run_readouts(model, ds, cfg: ReadoutsConfig | Mapping | None = None, *, seed: int = 0, device: str = "cpu"
+                 ) -> dict:
+    """Liu's readouts (module docstring) on ``ds`` with ``probe.readouts`` (a
+    :class:`~gravprobe.config.ReadoutsConfig`, or a partial mapping filled from ``conf/probe/default.yaml``):
     ``n_systems, heldout_fraction, batch_size, targets, ridge_alphas, cv_folds, decodable_min_r2,
     untrained_control, untrained_margin, attention: {enabled, windows, n_systems}``.
 
@@ -250,22 +270,23 @@ def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
     import time
 
     t0 = time.perf_counter()
-    names = list(cfg.get("targets", DEFAULT_TARGETS))
+    cfg = probe_part("readouts", cfg)
+    names = list(cfg.targets)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         raise ValueError(f"probe.readouts.targets has unknown target(s) {unknown}; valid: {list(TARGETS)}")
-    alphas = ridge_alpha_grid(cfg.get("ridge_alphas"))
-    cv_folds = int(cfg.get("cv_folds", 5))
-    dmin = float(cfg.get("decodable_min_r2", DECODABLE_MIN_R2))
-    margin = float(cfg.get("untrained_margin", 0.05))
-    bs = int(cfg.get("batch_size", 64))
+    alphas = ridge_alpha_grid(cfg.ridge_alphas, part="readouts")
+    cv_folds = cfg.cv_folds
+    dmin = cfg.decodable_min_r2
+    margin = cfg.untrained_margin
+    bs = cfg.batch_size
 
     # the last planet step inside the model's context (a learned-position model reads block_size tokens)
     last_all = last_planet_steps(np.asarray(ds.bodies)[:, :context_limit(model)])
     usable = np.nonzero(last_all >= 0)[0]
-    n = min(int(cfg.get("n_systems", 1000)), len(usable))
+    n = min(cfg.n_systems, len(usable))
     rng = np.random.default_rng(seed)
-    pick, held = split_systems(len(usable), n, float(cfg.get("heldout_fraction", 0.2)), rng, what="readouts")
+    pick, held = split_systems(len(usable), n, cfg.heldout_fraction, rng, what="readouts")
     systems = usable[pick]
     held_sys = {int(usable[h]) for h in held}
     steps = last_all[systems]
@@ -276,10 +297,10 @@ def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
     is_train = np.array([s not in held_sys for s in systems])
     Y, names, constant = drop_constant_targets(Y, names, is_train, "readouts")
 
-    att = dict(cfg.get("attention", {}) or {})
-    att_on = bool(att.get("enabled", True))
-    windows = [int(w) for w in att.get("windows", DEFAULT_WINDOWS)]
-    att_sys = systems[: int(att.get("n_systems", 64))]
+    att = cfg.attention
+    att_on = att.enabled
+    windows = list(att.windows)
+    att_sys = systems[: att.n_systems]
 
     def measure(m) -> dict:
         acts = capture_sites(m, ds, systems, steps, batch_size=bs, device=device)
@@ -293,7 +314,7 @@ def run_readouts(model, ds, cfg, *, seed: int = 0, device: str = "cpu") -> dict:
                constant_targets=constant,
                sites=site_names(model.n_layers), cv_folds=cv_folds, alphas=[float(a) for a in alphas],
                decodable_min_r2=dmin, untrained_margin=margin, seed=int(seed))
-    if bool(cfg.get("untrained_control", True)):
+    if cfg.untrained_control:
         ctl = measure(untrained_twin(model, seed, device))
         out["untrained"] = ctl
         for t, b in out["best"].items():

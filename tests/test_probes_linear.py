@@ -301,3 +301,29 @@ def test_capture_stops_after_the_last_step_and_respects_the_context():
                             "targets": ["log_r"], "ridge_alphas": [1e-2, 1, 100], "mlp": {"enabled": False}})
     rows = run_linear_probes(model, ds, cfg, seed=0)                 # 33 tokens > block_size 20: no error
     assert len(rows) == 3 and all(np.isfinite(r["r2"]) for r in rows)
+
+
+def test_probe_settings_default_from_the_yaml_only():
+    """Issue 12: the probe functions take the typed sections; a partial mapping (a notebook's dict) is filled
+    from conf/probe/default.yaml, and the modules restate no default with ``cfg.get(key, default)``."""
+    import inspect
+    import re
+
+    from gravprobe.probes import force_head, linear, readouts
+
+    from gravprobe.config import HeadConfig, LinearProbeConfig, ReadoutsConfig, group_defaults
+
+    yml = group_defaults("probe")
+    lin = linear.probe_part("linear", {"n_systems": 12, "mlp": {"hidden": 8}})
+    assert isinstance(lin, LinearProbeConfig) and lin.n_systems == 12 and lin.mlp.hidden == 8
+    assert lin.mlp.max_iter == yml["linear"]["mlp"]["max_iter"] and lin.cv_folds == yml["linear"]["cv_folds"]
+    assert linear.probe_part("linear", lin) is lin
+    assert isinstance(linear.probe_part("head", None), HeadConfig)
+    assert isinstance(linear.probe_part("readouts", {}), ReadoutsConfig)
+    assert linear.probe_part("readouts.attention", {"n_systems": 2}).windows == yml["readouts"]["attention"]["windows"]
+    grid = yml["linear"]["ridge_alphas"]
+    np.testing.assert_allclose(ridge_alpha_grid({"num": 3}), np.logspace(np.log10(grid["min"]), np.log10(grid["max"]), 3))
+    assert DEFAULT_ALPHAS == tuple(ridge_alpha_grid(None)) and len(DEFAULT_ALPHAS) == grid["num"]
+    assert readouts.DEFAULT_TARGETS == tuple(yml["readouts"]["targets"])
+    for mod in (linear, readouts, force_head):
+        assert not re.search(r"\b(cfg|spec|mlp|att)\.get\(", inspect.getsource(mod)), mod.__name__
