@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from gravprobe.common import arm_label  # noqa: F401  (re-exported: the report's name for an arm)
+from gravprobe.config import group_defaults
 
 from .load import RunResult, SweepResult, VariantResult
 
@@ -116,7 +117,9 @@ def _isnum(s: str) -> bool:
         return False
 
 
-DECODABLE_MIN_R2 = 0.05  # probes.linear's default: a held-out R² below it is "not decodable" (issue 10)
+#: a held-out R² below it reads "not decodable" (issue 10): ``probe.linear.decodable_min_r2``, written once in
+#: conf/probe/default.yaml (a run's own threshold, recorded in its results, wins where the report has it)
+DECODABLE_MIN_R2 = float(group_defaults("probe")["linear"]["decodable_min_r2"])
 
 
 def _decodable(r2: Any) -> Any:
