@@ -1034,7 +1034,7 @@ def probe_size_problems(cfg: Any) -> list[str]:
     n_sys, seq_len = select(cfg, f"{fd}.n_systems"), select(cfg, f"{fd}.seq_len")
     full, partial = select(cfg, f"{fd}.labelling.full_systems"), select(cfg, f"{fd}.labelling.partial_steps", 0)
     planets = select(cfg, f"{fd}.planets")
-    size, n_keep = select(cfg, "probe.selection.galaxy_size"), select(cfg, "probe.selection.n_keep")
+    size = select(cfg, "probe.selection.galaxy_size")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in (n_sys, seq_len)):
         return out
     if full is None or (isinstance(full, int) and full >= n_sys):
