@@ -98,8 +98,10 @@ def test_attention_mass_matches_loop_transcription(ds):
                     uni += w / (i + 1)
                     for h in range(2):
                         per_head[h] += sum(a[b, h, i, j] for j in range(i - w + 1, i + 1)) / a[b, h, i, : i + 1].sum()
-            np.testing.assert_allclose(res["layers"][str(li + 1)]["heads"][str(w)], per_head / n, rtol=1e-9)
-            np.testing.assert_allclose(res["layers"][str(li + 1)]["mean"][str(w)], (per_head / n).mean(), rtol=1e-9)
+            # the layer inputs come from float32 forwards in batches of 2 (attention_mass) vs 3 (here): the
+            # fast backend's kernels are not bitwise batch-invariant, so the shares agree to float32 rounding
+            np.testing.assert_allclose(res["layers"][str(li + 1)]["heads"][str(w)], per_head / n, rtol=1e-5)
+            np.testing.assert_allclose(res["layers"][str(li + 1)]["mean"][str(w)], (per_head / n).mean(), rtol=1e-5)
             np.testing.assert_allclose(res["uniform"][str(w)], uni / n, rtol=1e-9)
         assert res["n_queries"] == n
 
