@@ -515,13 +515,13 @@ class MLPProbeConfig(Schema):
 
 
 @dataclass
-class LinearProbeConfig(Schema):
-    """``probe.linear``: ridge (+ small MLP) probes on frozen activations (METHOD §4.1)."""
+class _RidgeProbes(Schema):
+    """What the linear probes and the readouts share: held-out systems, grouped-CV ridge, the untrained
+    control (METHOD §4.1)."""
 
     enabled: bool
     n_systems: int = rng(ge=2, doc="sequences used, split into train / held out")
     heldout_fraction: float = rng(gt=0, lt=1)
-    max_steps_per_system: Optional[int] = rng(ge=1)
     batch_size: int = rng(ge=1)
     targets: list[str]
     ridge_alphas: RidgeAlphas
@@ -529,11 +529,18 @@ class LinearProbeConfig(Schema):
     decodable_min_r2: float = rng(le=1)
     untrained_control: bool
     untrained_margin: float = rng(ge=0)
-    mlp: MLPProbeConfig = rng()
 
     def _problems(self, prefix: str) -> list[str]:
         return (_target_problems(f"{prefix}.targets", self.targets)
                 + _alpha_problems(f"{prefix}.ridge_alphas", self.ridge_alphas))
+
+
+@dataclass
+class LinearProbeConfig(_RidgeProbes):
+    """``probe.linear``: ridge (+ small MLP) probes on frozen activations (METHOD §4.1)."""
+
+    max_steps_per_system: Optional[int] = rng(ge=1)
+    mlp: MLPProbeConfig = rng()
 
 
 @dataclass
@@ -544,24 +551,10 @@ class AttentionMassConfig(Schema):
 
 
 @dataclass
-class ReadoutsConfig(Schema):
+class ReadoutsConfig(_RidgeProbes):
     """``probe.readouts``: last-position readouts per hook site (Liu et al.)."""
 
-    enabled: bool
-    n_systems: int = rng(ge=2)
-    heldout_fraction: float = rng(gt=0, lt=1)
-    batch_size: int = rng(ge=1)
-    targets: list[str]
-    ridge_alphas: RidgeAlphas
-    cv_folds: int = rng(ge=2)
-    decodable_min_r2: float = rng(le=1)
-    untrained_control: bool
-    untrained_margin: float = rng(ge=0)
     attention: AttentionMassConfig = rng()
-
-    def _problems(self, prefix: str) -> list[str]:
-        return (_target_problems(f"{prefix}.targets", self.targets)
-                + _alpha_problems(f"{prefix}.ridge_alphas", self.ridge_alphas))
 
 
 @dataclass
