@@ -10,7 +10,6 @@ positions of the sequence (nats; per coordinate for discrete orbits, like traini
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
@@ -136,12 +135,6 @@ def plot_length_extrapolation(results: Mapping[str, Mapping[str, Any]], path: st
     if out is None:
         raise ValueError("no length-extrapolation numbers to plot (every variant's table is empty)")
     return out
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a ``metrics.csv`` written by training (step, split, modality, loss, lr, tokens, wall_s)."""
-    with open(path, newline="") as f:
-        return [{**r, "step": int(r["step"]), "loss": float(r["loss"])} for r in csv.DictReader(f)]
 
 
 def plot_loss_curves(metrics_csv: str | Path, path: str | Path, title: str | None = None) -> Path:
