@@ -63,10 +63,14 @@ def __getattr__(name: str):
     """``DEFAULT_ALPHAS`` (the grid of ``probe.linear.ridge_alphas``) and ``DECODABLE_MIN_R2``, read from
     ``conf/probe/default.yaml`` when first asked for (they are not written here)."""
     if name == "DEFAULT_ALPHAS":
-        return tuple(float(a) for a in ridge_alpha_grid(None))
-    if name == "DECODABLE_MIN_R2":
-        return probe_part("linear").decodable_min_r2
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = tuple(float(a) for a in ridge_alpha_grid(None))
+    elif name == "DECODABLE_MIN_R2":
+        value = probe_part("linear").decodable_min_r2
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # read once: later lookups find the module attribute
+    return value
+
 
 #: Every probe target, declared once: name -> its value from the quantities of one state (``x``, ``y``, ``vx``,
 #: ``vy``, ``m1`` planet, ``m2`` star, ``Fx``, ``Fy``, and the derived ``r``, ``F`` = |F| and ``el``, the orbital
