@@ -61,12 +61,9 @@ def draw(rng: np.random.Generator, n: int, *, wide: bool = False) -> np.ndarray:
 
 def _default_sr() -> dict:
     """``conf/sr/default.yaml`` as ``fit_equation`` keyword arguments (the pipeline's contract)."""
-    import yaml
+    from gravprobe.config import SRConfig, group_defaults
 
-    from gravprobe.probes.pipeline import sr_settings
-
-    conf = Path(__file__).resolve().parents[1] / "conf" / "sr" / "default.yaml"
-    return sr_settings(yaml.safe_load(conf.read_text()))
+    return SRConfig.from_cfg(group_defaults("sr", "default")).fit_kwargs()
 
 
 def _machine() -> str:

@@ -94,13 +94,6 @@ def probe_config(probe_cfg) -> ProbeConfig:
     return probe_cfg if isinstance(probe_cfg, ProbeConfig) else ProbeConfig.from_cfg(probe_cfg)
 
 
-def sr_settings(sr_cfg, workers: int = 0) -> dict[str, Any]:
-    """``cfg.sr`` → keyword arguments of :func:`fit_equation` (``n_threads: 0`` → ``workers``):
-    :meth:`gravprobe.config.SRConfig.fit_kwargs` of the typed section (kept for the benchmarks)."""
-    sr = sr_cfg if isinstance(sr_cfg, SRConfig) else SRConfig.from_cfg(sr_cfg)
-    return sr.fit_kwargs(workers)
-
-
 def recover_laws(X: np.ndarray, y: np.ndarray, galaxies: Sequence[np.ndarray], seeds: Sequence[int],
                  sr_kwargs: dict, *, out_dir: str | Path | None = None, tag: str = "head",
                  verdict_kwargs: dict | None = None) -> tuple[list[dict], list[SRResult]]:
