@@ -20,7 +20,8 @@ reference (``reference_attention``: the code before ``attention/eager.py``), so 
 side by side in one process. ``--baseline REV`` adds, per variant, a runner (label ``[base]``) whose model is
 ``pretrain/model.py`` and the ``attention/`` package exactly as committed at git revision ``REV`` (extracted
 with ``git show`` into a temporary package and imported next to the current code), same config, seed and
-batch. ``--clock process`` (default) times process CPU seconds, which a shared
+batch. ``--cpu-allocator`` (process-wide) is ``heap`` as in training (``train.cpu_allocator``) or ``system``
+(glibc's defaults); the ``faults`` column is minor page faults per step. ``--clock process`` (default) times process CPU seconds, which a shared
 machine disturbs far less than wall time; ``--clock wall`` times wall seconds.
 
 For each model preset (``conf/model/<name>.yaml``) and variant, one full optimiser step (forward and
@@ -39,6 +40,7 @@ import argparse
 import importlib
 import json
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,7 @@ from typing import Any
 
 import torch
 from gravprobe.attention import VARIANTS, dispatch
+from gravprobe.common import set_cpu_allocator
 from gravprobe.attention.reference import _reference
 from gravprobe.pretrain.model import GPT
 from gravprobe.pretrain.train import make_optimizer, model_config
@@ -144,10 +147,13 @@ class Runner:
         finally:
             dispatch._eager = fast
 
+    steps = faults = 0                       # over every window: minor page faults per step
+
     def window(self, seconds: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         n, t0 = 0, self.clock()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         while True:
             self.step()
             n += 1
@@ -155,6 +161,8 @@ class Runner:
                 torch.cuda.synchronize()
             dt = self.clock() - t0
             if dt >= seconds and n >= 2:
+                self.steps += n
+                self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
                 return self.batch * self.T * n / dt
 
 
@@ -179,6 +187,9 @@ def main(argv=None) -> list[dict]:
                     help="also time each variant with pretrain/model.py + attention/ as committed at git REV")
     ap.add_argument("--clock", choices=("process", "wall"), default="process",
                     help="process CPU time (default; robust on a shared machine) or wall time")
+    ap.add_argument("--cpu-allocator", choices=("heap", "system"), default="heap",
+                    help="process-wide, as train.cpu_allocator: heap (training's default: freed memory stays "
+                         "in glibc's heap) or system (glibc's defaults: a page fault per page per step)")
     args = ap.parse_args(argv)
     unknown = sorted({parse_variant(v)[0] for v in args.variants} - set(VARIANTS))
     if unknown:
@@ -188,11 +199,12 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    allocator = set_cpu_allocator(args.cpu_allocator) if device.type == "cpu" else "-"
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, V {args.n_bins}, clock {args.clock}, "
-          f"overrides {args.override}")
+          f"overrides {args.override}\n# {allocator}")
     print(f"{'model':<8} {'variant':<28} {'T':>5} {'params':>9} {'tokens/s':>10} {'ms/step':>8} "
-          f"{'vs softmax':>10} {'new/this':>9}")
+          f"{'vs softmax':>10} {'faults':>7} {'new/this':>9}")
     rows = []
     for name in args.models:
         runners = []
@@ -214,17 +226,19 @@ def main(argv=None) -> list[dict]:
                    "batch": args.batch,
                    "seq_len": r.T, "params": r.model.num_params(), "params_non_embedding": r.model.num_params(True),
                    "tokens_per_s": best[r.label], "ms_per_step": 1e3 * args.batch * r.T / best[r.label],
-                   "ratio_vs_softmax": best[r.label] / base}
+                   "ratio_vs_softmax": best[r.label] / base, "page_faults_per_step": r.faults / max(1, r.steps)}
             if r.label != r.variant:                      # new code vs this old one, same variant, same run
                 row["new_vs_this"] = best[r.variant] / best[r.label]
             rows.append(row)
             extra = f" {row['new_vs_this']:>8.2f}x" if "new_vs_this" in row else ""
             print(f"{name:<8} {r.label:<28} {r.T:>5} {row['params']:>9,} {row['tokens_per_s']:>10,.0f} "
-                  f"{row['ms_per_step']:>8.1f} {row['ratio_vs_softmax']:>10.2f}{extra}", flush=True)
+                  f"{row['ms_per_step']:>8.1f} {row['ratio_vs_softmax']:>10.2f} "
+                  f"{row['page_faults_per_step']:>7.0f}{extra}", flush=True)
         del runners
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
+                       "cpu_allocator": allocator,
                        "overrides": args.override, "baseline": args.baseline, "rows": rows}, f, indent=2)
     return rows
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gravprobe.common import arm_label, code_version, output_root, update_results
+from gravprobe.common import arm_label, code_version, output_root, set_cpu_allocator, update_results
 from gravprobe.config import TrainConfig, select, to_container
 
 from .checkpoint import (  # CHECKPOINT_FORMAT, load_checkpoint: still importable from here
@@ -383,6 +383,10 @@ def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
     bf16 = device.type == "cuda" and tc.precision in ("auto", "bf16")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    if device.type == "cpu":
+        msg = set_cpu_allocator(tc.cpu_allocator)
+        if is_main:
+            log.info(msg)
 
     # ---- data
     spec, ds_path, ds, n_bins = _ensure_orbits(cfg, dist, tc)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +26,60 @@ def output_root(cfg: Any = None) -> Path:
     if home is None or str(home) == "":
         home = os.environ.get("GRAVPROBE_HOME", "./outputs")
     return Path(str(home)).expanduser().resolve()
+
+
+#: glibc ``mallopt`` parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+#: What :func:`set_cpu_allocator` applied in this process (``None``: nothing yet).
+_ALLOCATOR: str | None = None
+
+
+def set_cpu_allocator(mode: str = "heap") -> str:
+    """How this process's CPU tensors get their memory from glibc ``malloc`` (PyTorch's CPU allocator).
+
+    glibc serves every block above its mmap threshold (128 KiB at start, rising with the largest block freed,
+    at most 32 MiB) by a fresh ``mmap`` and gives it back to the kernel on ``free``, and trims the heap's top
+    back as well. A training step frees and re-allocates its activations and gradients every step, so each
+    step faults them in again page by page (the kernel zeroes every page): 4,800-7,300 minor faults per step
+    of ``model=liu``, 5-13 ms of a 60-75 ms step on a 2-core VM (``benchmarks/RESULTS.md``, issue 13 §2).
+
+    ``mode="heap"``: blocks up to 256 MiB come from the heap, freed memory stays in it for the next step, and
+    up to 1 GiB of free heap top is kept (the process's resident memory stays at its peak); ``"system"``:
+    glibc's defaults (nothing is changed). Not glibc (musl, macOS, Windows), or an allocator of the user's
+    already in charge (``LD_PRELOAD`` of jemalloc/tcmalloc/mimalloc, or ``MALLOC_*_`` variables): nothing is
+    changed either. Process-wide and idempotent; returns a line for the log.
+    """
+    global _ALLOCATOR
+    if mode not in ("heap", "system"):
+        raise ValueError(f"cpu allocator mode {mode!r}: choose heap (keep freed memory for reuse) or system")
+    if mode == "system":
+        return "CPU allocator: glibc defaults (train.cpu_allocator=system)"
+    if _ALLOCATOR is not None:
+        return _ALLOCATOR
+    preload = os.environ.get("LD_PRELOAD", "")
+    own = [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                       "GLIBC_TUNABLES") if k in os.environ]
+    if any(a in preload for a in ("jemalloc", "tcmalloc", "mimalloc")):
+        msg = f"CPU allocator: left alone (LD_PRELOAD={preload})"
+    elif own:
+        msg = f"CPU allocator: left alone ({', '.join(own)} set)"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        msg = "CPU allocator: left alone (not glibc)"
+    else:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = all(libc.mallopt(param, value) == 1 for param, value in (
+                (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
+        except (OSError, AttributeError) as exc:
+            ok, msg = False, f"CPU allocator: left alone (mallopt unavailable: {exc})"
+        else:
+            msg = ("CPU allocator: freed tensor memory stays in glibc's heap for reuse (mmap threshold 256 MiB, "
+                   "trim threshold 1 GiB; train.cpu_allocator=system for glibc's defaults)" if ok else
+                   "CPU allocator: glibc refused the mallopt settings; its defaults stay")
+    _ALLOCATOR = msg
+    return msg
 
 
 def code_version() -> str:

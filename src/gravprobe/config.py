@@ -421,6 +421,8 @@ class TrainConfig(Schema):
     betas: tuple[float, float] = rng(ge=0, lt=1, each=True, doc="AdamW betas")
     grad_clip: float = rng(ge=0, doc="max gradient norm; 0 = off")
     precision: Literal["auto", "bf16", "fp32"] = rng()
+    cpu_allocator: Literal["heap", "system"] = rng(doc="CPU: keep freed tensor memory in glibc's heap (heap) "
+                                                       "or glibc's defaults (system)")
     val_fraction: float = rng(ge=0, lt=1, doc="last fraction of the systems held out")
     eval_every: int = rng(ge=0, doc="0 = at step 0 and the end only")
     eval_batches: int = rng(ge=1)
