@@ -166,6 +166,71 @@ class Runner:
                 return self.batch * self.T * n / dt
 
 
+class RemoteRunners:
+    """Runners built and timed in a child process with its own CPU allocator setting (``--baseline-allocator``):
+    the parent and the child take turns, one window at a time, so both see the same machine and load, and
+    only one of them computes at any moment. ``runner(i)`` is a stand-in with :class:`Runner`'s interface."""
+
+    def __init__(self, allocator: str, threads: int | None, specs: list[dict]) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_remote_main, args=(child, allocator, threads, specs), daemon=True)
+        self.proc.start()
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        self.allocator, self.info = reply
+
+    def runner(self, i: int, spec: dict) -> "_Remote":
+        return _Remote(self, i, spec, self.info[i])
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(30)
+
+
+class _Remote:
+    def __init__(self, host: RemoteRunners, i: int, spec: dict, info: dict) -> None:
+        self.host, self.i = host, i
+        self.variant, self.reference, self.baseline = spec["variant"], spec["reference"], spec["baseline"]
+        self.label = info["label"] + " [" + host.allocator + "]"
+        self.T, self.params, self.params_ne = info["T"], info["params"], info["params_ne"]
+        self.steps = self.faults = 0
+
+    def window(self, seconds: float) -> float:
+        self.host.conn.send((self.i, seconds))
+        tokens_per_s, steps, faults = self.host.conn.recv()
+        self.steps, self.faults = self.steps + steps, self.faults + faults
+        return tokens_per_s
+
+
+def _remote_main(conn, allocator: str, threads: int | None, specs: list[dict]) -> None:
+    try:
+        msg = set_cpu_allocator(allocator)
+        if threads:
+            torch.set_num_threads(threads)
+        runners = [Runner(**spec) for spec in specs]
+        conn.send(("system" if allocator == "system" else "heap",
+                   [{"label": r.label, "T": r.T, "params": r.model.num_params(),
+                     "params_ne": r.model.num_params(True), "msg": msg} for r in runners]))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(exc)
+        return
+    while (job := conn.recv()) is not None:
+        r = runners[job[0]]
+        s0, f0 = r.steps, r.faults
+        tps = r.window(job[1])
+        conn.send((tps, r.steps - s0, r.faults - f0))
+
+
+def _params(r, non_embedding: bool = False) -> int:
+    if isinstance(r, _Remote):
+        return r.params_ne if non_embedding else r.params
+    return r.model.num_params(non_embedding)
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny", "small"])
@@ -190,6 +255,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--cpu-allocator", choices=("heap", "system"), default="heap",
                     help="process-wide, as train.cpu_allocator: heap (training's default: freed memory stays "
                          "in glibc's heap) or system (glibc's defaults: a page fault per page per step)")
+    ap.add_argument("--baseline-allocator", choices=("same", "heap", "system"), default="same",
+                    help="with --baseline: time the baseline's runners in a child process with this CPU "
+                         "allocator (the code before train.cpu_allocator ran with glibc's defaults: system), "
+                         "taking turns with this process window by window")
     args = ap.parse_args(argv)
     unknown = sorted({parse_variant(v)[0] for v in args.variants} - set(VARIANTS))
     if unknown:
@@ -203,35 +272,50 @@ def main(argv=None) -> list[dict]:
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
           f"{torch.get_num_threads()} threads, batch {args.batch}, V {args.n_bins}, clock {args.clock}, "
           f"overrides {args.override}\n# {allocator}")
-    print(f"{'model':<8} {'variant':<28} {'T':>5} {'params':>9} {'tokens/s':>10} {'ms/step':>8} "
+    print(f"{'model':<8} {'variant':<37} {'T':>5} {'params':>9} {'tokens/s':>10} {'ms/step':>8} "
           f"{'vs softmax':>10} {'faults':>7} {'new/this':>9}")
+    if args.baseline_allocator != "same" and not (args.baseline and device.type == "cpu"):
+        ap.error("--baseline-allocator needs --baseline REV on the CPU")
+    remote_base = args.baseline_allocator not in ("same", args.cpu_allocator)
     rows = []
     for name in args.models:
-        runners = []
+        runners, host = [], None
+        specs = []
         for v in variants:
             kinds = [(False, None)] + ([(True, None)] if args.compare_reference else []) + \
                 ([(False, args.baseline)] if args.baseline else [])
             for ref, base in kinds:
-                runners.append(Runner(name, v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins,
-                                      device=device, warmup=args.warmup, overrides=args.override, reference=ref,
-                                      clock=clock, baseline=base))
+                spec = dict(name=name, variant=v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins,
+                            device=device, warmup=args.warmup, overrides=args.override, reference=ref,
+                            clock=clock, baseline=base)
+                if base and remote_base:
+                    specs.append(spec)
+                    runners.append(len(specs) - 1)
+                else:
+                    runners.append(Runner(**spec))
+        if specs:
+            host = RemoteRunners(args.baseline_allocator, args.threads, specs)
+            print(f"# baseline runners in a child process: {host.info[0]['msg']}")
+            runners = [host.runner(r, specs[r]) if isinstance(r, int) else r for r in runners]
         # rounds cycle through the variants so that a load spike hits all of them; best window per variant
         best = {r.label: 0.0 for r in runners}
         for _ in range(args.rounds):
             for r in runners:
                 best[r.label] = max(best[r.label], r.window(args.seconds / args.rounds))
+        if host is not None:
+            host.close()
         for r in runners:
             base = best["softmax" + r.label[len(r.variant):]]
             row = {"model": name, "variant": r.variant, "reference": r.reference, "baseline": r.baseline,
                    "batch": args.batch,
-                   "seq_len": r.T, "params": r.model.num_params(), "params_non_embedding": r.model.num_params(True),
+                   "seq_len": r.T, "params": _params(r), "params_non_embedding": _params(r, True),
                    "tokens_per_s": best[r.label], "ms_per_step": 1e3 * args.batch * r.T / best[r.label],
                    "ratio_vs_softmax": best[r.label] / base, "page_faults_per_step": r.faults / max(1, r.steps)}
             if r.label != r.variant:                      # new code vs this old one, same variant, same run
                 row["new_vs_this"] = best[r.variant] / best[r.label]
             rows.append(row)
             extra = f" {row['new_vs_this']:>8.2f}x" if "new_vs_this" in row else ""
-            print(f"{name:<8} {r.label:<28} {r.T:>5} {row['params']:>9,} {row['tokens_per_s']:>10,.0f} "
+            print(f"{name:<8} {r.label:<37} {r.T:>5} {row['params']:>9,} {row['tokens_per_s']:>10,.0f} "
                   f"{row['ms_per_step']:>8.1f} {row['ratio_vs_softmax']:>10.2f} "
                   f"{row['page_faults_per_step']:>7.0f}{extra}", flush=True)
         del runners
