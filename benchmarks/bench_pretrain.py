@@ -50,10 +50,11 @@ from typing import Any
 
 import torch
 from gravprobe.attention import VARIANTS, dispatch
-from gravprobe.common import set_cpu_allocator
 from gravprobe.attention.reference import _reference
 from gravprobe.pretrain.model import GPT
 from gravprobe.pretrain.train import make_optimizer, model_config
+
+from gravprobe.common import set_cpu_allocator
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -183,7 +184,7 @@ class RemoteRunners:
             raise reply
         self.allocator, self.info = reply
 
-    def runner(self, i: int, spec: dict) -> "_Remote":
+    def runner(self, i: int, spec: dict) -> _Remote:
         return _Remote(self, i, spec, self.info[i])
 
     def close(self) -> None:
@@ -285,9 +286,9 @@ def main(argv=None) -> list[dict]:
             kinds = [(False, None)] + ([(True, None)] if args.compare_reference else []) + \
                 ([(False, args.baseline)] if args.baseline else [])
             for ref, base in kinds:
-                spec = dict(name=name, variant=v, batch=args.batch, seq_len=args.seq_len, n_bins=args.n_bins,
-                            device=device, warmup=args.warmup, overrides=args.override, reference=ref,
-                            clock=clock, baseline=base)
+                spec = {"name": name, "variant": v, "batch": args.batch, "seq_len": args.seq_len,
+                        "n_bins": args.n_bins, "device": device, "warmup": args.warmup,
+                        "overrides": args.override, "reference": ref, "clock": clock, "baseline": base}
                 if base and remote_base:
                     specs.append(spec)
                     runners.append(len(specs) - 1)

@@ -28,7 +28,7 @@ def _run(tmp_path, *args):
 
 
 def test_rows_and_ratios_against_softmax(tmp_path):
-    stdout, res = _run(tmp_path, "--variants", "softmax", "lssa")
+    _stdout, res = _run(tmp_path, "--variants", "softmax", "lssa")
     assert res["cpu_allocator"].startswith("CPU allocator")
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"softmax", "lssa"} and rows["softmax"]["ratio_vs_softmax"] == 1.0
