@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .reference import (
     _NORM_EPS,
+    UNIFORM_ROW_RTOL,
     _check_qkv,
     _compute_dtype,
     _reference,
@@ -311,7 +312,7 @@ def _lssar_stats(s: torch.Tensor, n: torch.Tensor, o: torch.Tensor):
     # m_i = max_j ReLU(n_i a_ij - o_i) = ReLU(n_i softplus(max_j s_ij) / z_i - o_i) (softplus is monotone);
     # u = ReLU(n_i a_ij - o_i) / m_i = ReLU(alpha_i e_ij - beta_i): every term <= 1 (overflow-safe power)
     m = torch.relu(n * F.softplus(s.amax(-1, keepdim=True)) / z - o)
-    uniform = m <= 0
+    uniform = m <= UNIFORM_ROW_RTOL * o                   # within rounding of uniform: the reference's rule
     m_safe = torch.where(uniform, torch.ones_like(m), m)
     alpha = torch.where(uniform, torch.zeros_like(m), n / (z * m_safe))
     beta = torch.where(uniform, torch.zeros_like(m), o / m_safe)

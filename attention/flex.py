@@ -23,7 +23,9 @@ by ``pytest -m gpu`` (``tests/test_attention_flex.py``) against the reference be
 
 Compilation: FlexAttention is fast only compiled. :func:`flex_attend` calls a ``torch.compile``-d
 ``flex_attention`` when :func:`use_compiled` says so (CUDA always; CPU unless ``GRAVPROBE_FLEX_COMPILE=0``),
-else the unfused eager implementation (correct, memory-quadratic; what the CPU tests use).
+else the unfused eager implementation (correct, memory-quadratic; what the CPU tests use). Compiled CPU
+FlexAttention in torch 2.13 takes neither float64 nor ``return_lse`` (lssar's two passes): those calls run
+unfused on the CPU too.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .reference import _NORM_EPS, _check_qkv, _compute_dtype, _row_lengths, check_window, resolve_params
+from .reference import _NORM_EPS, UNIFORM_ROW_RTOL, _check_qkv, _compute_dtype, _row_lengths, check_window, resolve_params
 
 __all__ = ["COMPILE_ENV", "FLEX_VARIANTS", "flex_attend", "flex_available", "flex_support", "use_compiled"]
 
@@ -112,7 +114,10 @@ def _log_softplus_mod(score, b, h, q_idx, kv_idx):
 
 def _call(q, k, v, score_mod, block_mask, scale, lse: bool):
     fa = _flex_module()
-    fn = _compiled_flex() if use_compiled(q.device) else fa.flex_attention
+    # compiled CPU FlexAttention (torch 2.13) can neither return the log-sum-exp (lssar's passes) nor take
+    # float64: those calls run the unfused implementation
+    compiled = use_compiled(q.device) and (q.is_cuda or (not lse and q.dtype != torch.float64))
+    fn = _compiled_flex() if compiled else fa.flex_attention
     aux = fa.AuxRequest(lse=True) if lse else None
     out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, return_aux=aux)
     if lse:
@@ -169,9 +174,11 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: str, causa
     o = torch.where(n <= p["offset_until"], torch.zeros_like(n), torch.full_like(n, p["offset"]))
     power = p["sharpen_power"]
 
+    tol = UNIFORM_ROW_RTOL * o                          # within rounding of uniform counts as 0 (reference.py)
+
     def sharpen(score, b, h, q_idx, kv_idx):
         r = n[q_idx] * F.softplus(score) * torch.exp(-lse1[b, h, q_idx]) - o[q_idx]
-        return power * torch.log(torch.relu(r))        # log of w = ReLU(.)^p; -inf where w = 0
+        return power * torch.log(torch.where(r > tol[q_idx], r, 0.0))   # log of w = ReLU(.)^p; -inf where w = 0
 
     out, lse2 = _call(qs, ks, vh, sharpen, block_mask, 1.0, True)
     uniform = ~torch.isfinite(lse2)                                            # [B, H, T]: every w = 0

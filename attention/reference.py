@@ -45,6 +45,12 @@ __all__ = [
 
 # Clamp for the QK-normalisation of lssa/lssar (as in F.normalize): a zero vector stays zero.
 _NORM_EPS = 1e-12
+#: lssar's uniform-row limit: a row is uniform when ``max_j (n_i a_ij - o_i) <= UNIFORM_ROW_RTOL * o_i``,
+#: i.e. when every ``n_i a_ij`` is within rounding of ``o_i`` (64 float32 ulps). Identical keys give a stage-1
+#: row that is uniform in exact arithmetic but not in floating point (a GEMM may round identical columns
+#: differently: MKL does on AVX-512, by memory alignment), and the power would then pick among rounding
+#: noise. Every backend applies the same rule.
+UNIFORM_ROW_RTOL = 2.0 ** -17
 
 
 # --- parameter checks: each returns the value normalised (float/int) or raises ValueError naming it ----
@@ -256,13 +262,13 @@ def _lssar_reweight(a: torch.Tensor, n: torch.Tensor, visible: torch.Tensor, *, 
     Overflow-safe: ``ReLU(.)`` is divided by its row maximum before the power (the ratio ``w/sum w`` is
     unchanged, and the largest term becomes exactly 1, so the row sum is >= 1). The maximum is detached:
     the output does not depend on it, so its gradient is zero in exact arithmetic. A row whose every
-    ``w`` is 0 (a perfectly uniform stage-1 row with ``o_i > 0``) returns the limit of the definition,
-    the uniform row over its visible keys.
+    ``w`` is 0 (a perfectly uniform stage-1 row with ``o_i > 0``; to rounding: :data:`UNIFORM_ROW_RTOL`)
+    returns the limit of the definition, the uniform row over its visible keys.
     """
     o = torch.where(n <= offset_until, torch.zeros_like(n), torch.full_like(n, offset))  # [T, 1]
     r = torch.relu(n * a - o).masked_fill(~visible, 0.0)
     row_max = r.amax(dim=-1, keepdim=True).detach()
-    uniform = row_max <= 0
+    uniform = row_max <= UNIFORM_ROW_RTOL * o              # within rounding of uniform (UNIFORM_ROW_RTOL)
     # Safe denominators keep NaN out of the branch torch.where discards (NaN would leak into grads).
     w = (r / torch.where(uniform, torch.ones_like(row_max), row_max)).pow(sharpen_power)
     total = w.sum(dim=-1, keepdim=True)

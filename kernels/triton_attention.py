@@ -35,6 +35,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from gravprobe.attention.reference import UNIFORM_ROW_RTOL
+
+#: lssar's uniform-row tolerance, as in the reference (a Triton global must be a constexpr).
+_UNIFORM_RTOL = tl.constexpr(UNIFORM_ROW_RTOL)
 
 # globals read inside @triton.jit functions must be tl.constexpr instances (the compiler rejects others;
 # the interpreter does not check)
@@ -187,7 +191,8 @@ def _fwd_kernel(
     if LSSAR:
         inv = n_i / safe_sum  # nᵢ / Sᵢ, so that nᵢ·aᵢⱼ = softplus(sᵢⱼ) · inv
         r_max = tl.maximum(_softplus(tl.where(mask_m, row_max, 0.0)) * inv - o_i, 0.0)
-        uniform = r_max <= 0.0
+        uniform = r_max <= _UNIFORM_RTOL * o_i  # within rounding of uniform (reference.UNIFORM_ROW_RTOL)
+        r_max = tl.where(uniform, 0.0, r_max)  # stored as 0: the backward kernels test r_max <= 0
         inv_rmax = 1.0 / tl.where(uniform, 1.0, r_max)
         w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

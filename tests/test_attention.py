@@ -208,6 +208,31 @@ def test_lssar_uniform_row_returns_the_uniform_limit():
     torch.testing.assert_close(out[0, :, 0], torch.cumsum(v[0, :, 0], 0) / torch.arange(1, T + 1)[:, None])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lssar_rows_within_rounding_of_uniform_take_the_limit_on_every_backend(dtype):
+    """Keys equal up to 1e-9 (relative): every stage-1 row is uniform to rounding, ``max n_i a_ij - 1`` far
+    below UNIFORM_ROW_RTOL, so reference, torch and flex all return the visible values' mean (the power no
+    longer picks among rounding noise: a GEMM may round identical columns differently). Keys 1e-2 apart are
+    not uniform: the backends agree on the sharpened rows instead."""
+    from gravprobe.attention.reference import UNIFORM_ROW_RTOL
+
+    T, D = 12, 8
+    q, k, v = _qkv(B=2, T=T, H=2, D=D, dtype=dtype, seed=3)
+    base = k[:, :1].expand_as(k)
+    mean = torch.cumsum(v, 1) / torch.arange(1, T + 1, dtype=dtype).view(1, T, 1, 1)
+    rows = slice(4, None)                                  # rows with o_i = 1 (n_i > offset_until = 3)
+    near = base + 1e-9 * k
+    for backend in ("torch", "flex"):
+        torch.testing.assert_close(attend(near, near, v, "lssar", backend=backend)[:, rows], mean[:, rows])
+    torch.testing.assert_close(reference_attention(q, near, v, "lssar")[:, rows], mean[:, rows])
+    apart = base + 1e-2 * k
+    ref = reference_attention(q, apart, v, "lssar")
+    assert (ref[:, rows] - mean[:, rows]).abs().max() > 100 * UNIFORM_ROW_RTOL
+    if dtype == torch.float64:                # (float32 against float32: p = 15 amplifies rounding)
+        for backend in ("torch", "flex"):
+            torch.testing.assert_close(attend(q, apart, v, "lssar", backend=backend), ref, rtol=1e-9, atol=1e-10)
+
+
 def test_lssa_handles_zero_vectors():
     """QK-normalisation clamps the norm: a zero query gives cosines 0, i.e. a uniform lssa row."""
     q, k, v = _qkv(B=1, T=6, H=1, D=4, seed=8)
