@@ -384,9 +384,7 @@ def _setup(cfg: Any, run_dir: Path, dist: _Dist) -> _Run:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
-        msg = set_cpu_allocator(tc.cpu_allocator)
-        if is_main:
-            log.info(msg)
+        set_cpu_allocator(tc.cpu_allocator)      # logs once per process (the CLI may have set it already)
 
     # ---- data
     spec, ds_path, ds, n_bins = _ensure_orbits(cfg, dist, tc)

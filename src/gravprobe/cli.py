@@ -64,6 +64,11 @@ def _task(cfg) -> dict | None:
 
         torch.set_num_threads(threads)
         log.info("torch intra-op threads: %d", threads)
+    if stage in ("pretrain", "probe", "run") and cfg.get("train") is not None and cfg.get("device") != "cuda":
+        # the probe stage trains too (the force head) and reads activations: the same per-step page faults
+        from gravprobe.common import set_cpu_allocator
+
+        set_cpu_allocator(str(cfg.train.get("cpu_allocator", "heap")))       # logs once per process
     fn = getattr(importlib.import_module(mod_name), fn_name)
     try:
         summary = fn(cfg, run_dir)

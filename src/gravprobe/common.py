@@ -47,14 +47,16 @@ def set_cpu_allocator(mode: str = "heap") -> str:
     up to 1 GiB of free heap top is kept (the process's resident memory stays at its peak); ``"system"``:
     glibc's defaults (nothing is changed). Not glibc (musl, macOS, Windows), or an allocator of the user's
     already in charge (``LD_PRELOAD`` of jemalloc/tcmalloc/mimalloc, or ``MALLOC_*_`` variables): nothing is
-    changed either. Process-wide and idempotent; returns a line for the log.
+    changed either. Process-wide and idempotent; logs what it did the first time and returns that line.
     """
     global _ALLOCATOR
     if mode not in ("heap", "system"):
         raise ValueError(f"cpu allocator mode {mode!r}: choose heap (keep freed memory for reuse) or system")
-    if mode == "system":
-        return "CPU allocator: glibc defaults (train.cpu_allocator=system)"
     if _ALLOCATOR is not None:
+        return _ALLOCATOR
+    if mode == "system":
+        _ALLOCATOR = "CPU allocator: glibc defaults (train.cpu_allocator=system)"
+        logging.getLogger("gravprobe").info(_ALLOCATOR)
         return _ALLOCATOR
     preload = os.environ.get("LD_PRELOAD", "")
     own = [k for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
@@ -79,6 +81,7 @@ def set_cpu_allocator(mode: str = "heap") -> str:
                    "trim threshold 1 GiB; train.cpu_allocator=system for glibc's defaults)" if ok else
                    "CPU allocator: glibc refused the mallopt settings; its defaults stay")
     _ALLOCATOR = msg
+    logging.getLogger("gravprobe").info(msg)
     return msg
 
 
