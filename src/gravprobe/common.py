@@ -41,7 +41,7 @@ def set_cpu_allocator(mode: str = "heap") -> str:
     at most 32 MiB) by a fresh ``mmap`` and gives it back to the kernel on ``free``, and trims the heap's top
     back as well. A training step frees and re-allocates its activations and gradients every step, so each
     step faults them in again page by page (the kernel zeroes every page): 4,800-7,300 minor faults per step
-    of ``model=liu``, 5-13 ms of a 60-75 ms step on a 2-core VM (``benchmarks/RESULTS.md``, issue 13 §2).
+    of ``model=liu``, 13-15 ms of its 87 ms training step on a 2-core VM (``benchmarks/RESULTS.md``, issue 13).
 
     ``mode="heap"``: blocks up to 256 MiB come from the heap, freed memory stays in it for the next step, and
     up to 1 GiB of free heap top is kept (the process's resident memory stays at its peak); ``"system"``:
@@ -72,14 +72,15 @@ def set_cpu_allocator(mode: str = "heap") -> str:
 
         try:
             libc = ctypes.CDLL("libc.so.6")
-            ok = all(libc.mallopt(param, value) == 1 for param, value in (
-                (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)))
+            results = [libc.mallopt(param, value) for param, value in (          # each one tried
+                (_M_MMAP_THRESHOLD, 256 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))]
+            ok = results == [1, 1, 1]
         except (OSError, AttributeError) as exc:
             ok, msg = False, f"CPU allocator: left alone (mallopt unavailable: {exc})"
         else:
             msg = ("CPU allocator: freed tensor memory stays in glibc's heap for reuse (mmap threshold 256 MiB, "
                    "trim threshold 1 GiB; train.cpu_allocator=system for glibc's defaults)" if ok else
-                   "CPU allocator: glibc refused the mallopt settings; its defaults stay")
+                   "CPU allocator: glibc refused some of the mallopt settings (mmap/trim threshold, top pad)")
     _ALLOCATOR = msg
     logging.getLogger("gravprobe").info(msg)
     return msg
