@@ -37,7 +37,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .reference import _NORM_EPS, UNIFORM_ROW_RTOL, _check_qkv, _compute_dtype, _row_lengths, check_window, resolve_params
+from .reference import (
+    _NORM_EPS,
+    UNIFORM_ROW_RTOL,
+    _check_qkv,
+    _compute_dtype,
+    _row_lengths,
+    check_window,
+    resolve_params,
+)
 
 __all__ = ["COMPILE_ENV", "FLEX_VARIANTS", "flex_attend", "flex_available", "flex_support", "use_compiled"]
 

@@ -116,6 +116,7 @@ class Runner:
         self.label = variant + (" [ref]" if reference else "") + (" [base]" if baseline else "")
         self.reference, self.baseline, self.clock = reference, baseline, clock
         self.T = seq_len or mcfg.block_size
+        self.steps = self.faults = 0          # over every window: minor page faults per step
         torch.manual_seed(0)
         if baseline:
             base = baseline_model(baseline)
@@ -147,8 +148,6 @@ class Runner:
             self.opt.step()
         finally:
             dispatch._eager = fast
-
-    steps = faults = 0                       # over every window: minor page faults per step
 
     def window(self, seconds: float) -> float:
         if self.device.type == "cuda":
@@ -182,10 +181,11 @@ class RemoteRunners:
         reply = self.conn.recv()
         if isinstance(reply, BaseException):
             raise reply
-        self.allocator, self.info = reply
+        self.allocator, self.specs = allocator, specs
+        self.msg, self.info = reply
 
-    def runner(self, i: int, spec: dict) -> _Remote:
-        return _Remote(self, i, spec, self.info[i])
+    def runner(self, i: int) -> _Remote:
+        return _Remote(self, i)
 
     def close(self) -> None:
         self.conn.send(None)
@@ -193,8 +193,9 @@ class RemoteRunners:
 
 
 class _Remote:
-    def __init__(self, host: RemoteRunners, i: int, spec: dict, info: dict) -> None:
+    def __init__(self, host: RemoteRunners, i: int) -> None:
         self.host, self.i = host, i
+        spec, info = host.specs[i], host.info[i]
         self.variant, self.reference, self.baseline = spec["variant"], spec["reference"], spec["baseline"]
         self.label = info["label"] + " [" + host.allocator + "]"
         self.T, self.params, self.params_ne = info["T"], info["params"], info["params_ne"]
@@ -213,9 +214,8 @@ def _remote_main(conn, allocator: str, threads: int | None, specs: list[dict]) -
         if threads:
             torch.set_num_threads(threads)
         runners = [Runner(**spec) for spec in specs]
-        conn.send(("system" if allocator == "system" else "heap",
-                   [{"label": r.label, "T": r.T, "params": r.model.num_params(),
-                     "params_ne": r.model.num_params(True), "msg": msg} for r in runners]))
+        conn.send((msg, [{"label": r.label, "T": r.T, "params": r.model.num_params(),
+                          "params_ne": r.model.num_params(True)} for r in runners]))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         conn.send(exc)
         return
@@ -280,8 +280,7 @@ def main(argv=None) -> list[dict]:
     remote_base = args.baseline_allocator not in ("same", args.cpu_allocator)
     rows = []
     for name in args.models:
-        runners, host = [], None
-        specs = []
+        runners, specs, host = [], [], None
         for v in variants:
             kinds = [(False, None)] + ([(True, None)] if args.compare_reference else []) + \
                 ([(False, args.baseline)] if args.baseline else [])
@@ -296,8 +295,8 @@ def main(argv=None) -> list[dict]:
                     runners.append(Runner(**spec))
         if specs:
             host = RemoteRunners(args.baseline_allocator, args.threads, specs)
-            print(f"# baseline runners in a child process: {host.info[0]['msg']}")
-            runners = [host.runner(r, specs[r]) if isinstance(r, int) else r for r in runners]
+            print(f"# baseline runners in a child process: {host.msg}")
+            runners = [host.runner(r) if isinstance(r, int) else r for r in runners]
         # rounds cycle through the variants so that a load spike hits all of them; best window per variant
         best = {r.label: 0.0 for r in runners}
         for _ in range(args.rounds):
